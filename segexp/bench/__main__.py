@@ -1,0 +1,36 @@
+"""``python -m segexp.bench [NAME ...] [--quick]``: run the benchmarks (speed and memory targets
+live here, never in timed tests). Each module of this package with a ``main(argv)`` is one."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import time
+
+import segexp.bench as package
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {available()})")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = parser.parse_args()
+    names = args.names or available()
+    unknown = sorted(set(names) - set(available()))
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; available: {available()}")
+    for name in names:
+        module = importlib.import_module(f"segexp.bench.{name}")
+        print(f"\n=== bench: {name} ===", flush=True)
+        t0 = time.perf_counter()
+        module.main(["--quick"] if args.quick else [])
+        print(f"=== {name}: {time.perf_counter() - t0:.1f} s ===", flush=True)
+
+
+if __name__ == "__main__":
+    main()

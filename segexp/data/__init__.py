@@ -1,0 +1,1 @@
+"""Dataset readers for real on-disk formats, the synthetic generator, transforms, DataModule."""

@@ -1,0 +1,149 @@
+"""One LightningDataModule for every dataset: a reader per split + a transform + a collate.
+
+Which dataset is read is entirely in ``conf/data/<name>.yaml`` (the ``reader`` partial and the
+``splits`` mapping); which sample keys are loaded is what the method declares it needs
+(``train_keys``/``eval_keys``). A method asking for supervision the dataset does not have fails
+here, at construction, before any model is built or file is read.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Mapping, Sequence
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, Dataset
+
+from segexp.data.collate import pad_collate
+from segexp.data.transforms import SampleTransform
+
+log = logging.getLogger(__name__)
+
+
+class TransformedDataset(Dataset):
+    """A reader seen through a transform: raw numpy sample in, tensor sample out."""
+
+    def __init__(self, reader: Dataset, transform: Callable[[dict], dict]):
+        self.reader = reader
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.transform(self.reader[index])
+
+
+def _reader_class(reader: Callable) -> type:
+    return reader.func if isinstance(reader, functools.partial) else reader
+
+
+class SegDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        name: str,
+        class_names: Sequence[str],
+        num_classes: int,
+        reader: Callable[..., Dataset],
+        splits: Mapping[str, str],
+        transforms: Mapping[str, Any],
+        batch_size: int = 8,
+        eval_batch_size: int = 8,
+        num_workers: int = 2,
+        image_size: int | None = None,
+        ignore_index: int = 255,
+        prepare: Callable[[], Any] | None = None,
+        train_keys: Sequence[str] = ("image", "mask"),
+        eval_keys: Sequence[str] = ("image", "mask"),
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        if len(class_names) != num_classes:
+            raise ValueError(
+                f"data '{name}': num_classes={num_classes} but {len(class_names)} class_names are given"
+            )
+        self.name = name
+        self.class_names = list(class_names)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.reader = reader
+        self.splits = dict(splits)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.prepare = prepare
+        self.pin_memory = pin_memory
+        self.train_keys = tuple(train_keys)
+        self.eval_keys = tuple(eval_keys)
+        self._check_keys()
+        self.train_transform = SampleTransform(transforms.get("train", ()), ignore_index=ignore_index)
+        self.eval_transform = SampleTransform(transforms.get("eval", ()), ignore_index=ignore_index)
+        self.datasets: dict[str, Dataset] = {}
+
+    def _check_keys(self) -> None:
+        cls = _reader_class(self.reader)
+        provides = getattr(cls, "provides", None)
+        if provides is None:
+            return
+        for role, keys in (("training", self.train_keys), ("evaluation", self.eval_keys)):
+            missing = sorted(set(keys) - set(provides) - {"meta"})
+            if missing:
+                raise ValueError(
+                    f"the method needs {missing} for {role}, but dataset '{self.name}' "
+                    f"({cls.__name__}) provides only {sorted(provides)}; choose another data= "
+                    f"or a method whose supervision this dataset has"
+                )
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Runs on one process only: generate the synthetic set if it is configured and absent."""
+        if self.prepare is not None:
+            self.prepare()
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+            None: ("train", "val", "test"),
+        }[stage]
+        for role in wanted:
+            if role in self.datasets or role not in self.splits:
+                continue
+            self.datasets[role] = self.build_dataset(role)
+
+    def build_dataset(self, role: str) -> TransformedDataset:
+        keys = self.train_keys if role == "train" else self.eval_keys
+        reader = self.reader(split=self.splits[role], keys=list(keys))
+        if len(reader) == 0:
+            raise ValueError(f"data '{self.name}': split '{self.splits[role]}' ({role}) has no images")
+        transform = self.train_transform if role == "train" else self.eval_transform
+        log.info("data %s: %s split '%s' has %d images", self.name, role, self.splits[role], len(reader))
+        return TransformedDataset(reader, transform)
+
+    def _loader(self, role: str, shuffle: bool) -> DataLoader:
+        if role not in self.datasets:
+            self.setup({"train": "fit", "val": "fit", "test": "test"}[role])
+        batch_size = self.batch_size if role == "train" else self.eval_batch_size
+        return DataLoader(
+            self.datasets[role],
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(self.datasets[role]) > batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+            collate_fn=functools.partial(pad_collate, ignore_index=self.ignore_index),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,104 @@
+"""Albumentations pipelines that turn a raw reader sample into the tensor sample of the contract.
+
+Every spatial target moves together: ``mask``, ``instances``, ``saliency`` and ``pseudo`` are
+albumentations masks, boxes are ``pascal_voc`` bboxes with their labels. Padding and rotation
+fill every map with 0 and a ``valid`` map marks the pixels that came from the image, so that
+afterwards the semantic maps get ``ignore_index`` there and entity maps get 0 (unlabeled) —
+one fill value per target, which albumentations alone cannot express.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import albumentations as A
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_MASK_TARGETS = ("mask", "instances", "saliency", "pseudo")
+_IGNORED_OUTSIDE = ("mask", "pseudo")
+
+
+class SampleTransform:
+    """Apply an albumentations pipeline to a raw sample and convert it to tensors.
+
+    ``ops`` is a list of albumentations transforms (instantiated from ``conf/data/transforms``);
+    normalisation and tensor conversion are always appended here so configs cannot forget them.
+    """
+
+    def __init__(
+        self,
+        ops: Sequence[A.BasicTransform] = (),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        ignore_index: int = 255,
+        min_box_visibility: float = 0.1,
+    ):
+        self.ignore_index = ignore_index
+        self.mean = np.asarray(mean, dtype=np.float32) * 255.0
+        self.std = np.asarray(std, dtype=np.float32) * 255.0
+        self.compose = None if not ops else A.Compose(
+            list(ops),
+            additional_targets={k: "mask" for k in (*_MASK_TARGETS, "valid") if k != "mask"},
+            bbox_params=A.BboxParams(
+                format="pascal_voc",
+                label_fields=["box_labels", "box_difficult"],
+                min_visibility=min_box_visibility,
+                clip=True,
+            ),
+            strict=False,
+        )
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        image = sample["image"]
+        h, w = image.shape[:2]
+        inputs: dict[str, Any] = {"image": image, "valid": np.ones((h, w), dtype=np.uint8)}
+        for key in _MASK_TARGETS:
+            if key in sample:
+                inputs[key] = sample[key]
+        has_boxes = "boxes" in sample
+        boxes = np.asarray(sample.get("boxes", np.zeros((0, 4))), dtype=np.float32).reshape(-1, 4)
+        inputs["bboxes"] = boxes
+        inputs["box_labels"] = np.asarray(sample.get("box_labels", np.zeros(len(boxes))), dtype=np.int64)
+        inputs["box_difficult"] = np.asarray(
+            sample.get("box_difficult", np.zeros(len(boxes), dtype=bool)), dtype=bool
+        )
+        out = self.compose(**inputs) if self.compose is not None else inputs
+
+        valid = np.asarray(out["valid"]).astype(bool)
+        result: dict[str, Any] = {"image": self._to_image_tensor(out["image"])}
+        for key in _MASK_TARGETS:
+            if key not in out or key not in sample:
+                continue
+            arr = np.asarray(out[key])
+            if key == "saliency":
+                result[key] = torch.from_numpy(np.where(valid, arr, 0).astype(np.float32))
+                continue
+            arr = arr.astype(np.int64)
+            arr[~valid] = self.ignore_index if key in _IGNORED_OUTSIDE else 0
+            result[key] = torch.from_numpy(arr)
+        if has_boxes:
+            result["boxes"] = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
+            result["box_labels"] = torch.as_tensor(np.asarray(out["box_labels"], dtype=np.int64))
+            result["box_difficult"] = torch.as_tensor(np.asarray(out["box_difficult"], dtype=bool))
+        if "labels" in sample:
+            result["labels"] = torch.as_tensor(np.asarray(sample["labels"], dtype=np.float32))
+        result["valid"] = torch.from_numpy(valid)
+        if "meta" in sample:
+            result["meta"] = dict(sample["meta"])
+        return result
+
+    def _to_image_tensor(self, image: np.ndarray) -> torch.Tensor:
+        image = (image.astype(np.float32) - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def denormalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """Tensor 3xHxW (normalised) -> uint8 HxWx3, for panels and notebooks."""
+    m = torch.tensor(mean, device=image.device).view(3, 1, 1)
+    s = torch.tensor(std, device=image.device).view(3, 1, 1)
+    rgb = (image.float() * s + m).clamp(0, 1) * 255
+    return rgb.byte().permute(1, 2, 0).cpu().numpy()

@@ -1,0 +1,142 @@
+"""The small LightningModule every method stands on.
+
+A method only says how a batch becomes named loss terms (``compute_losses``) and how an image
+becomes class scores (``predict``). This base does the rest once: optimizer + per-step lr schedule
+from ``conf/schedule``, logging of every loss term, the confusion-matrix mIoU on val/test (exact
+under DDP: the matrix is summed across ranks), and image panels for the active loggers.
+Nothing here branches on device, precision or strategy — those are Trainer settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.optim.lr_scheduler import LambdaLR
+
+from segexp.data.transforms import denormalize
+from segexp.methods.optim import build_optimizer, lr_factor
+from segexp.metrics.semantic import ConfusionMatrix
+from segexp.models.param_groups import param_groups
+from segexp.utils.panels import log_panels
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class SegMethod(pl.LightningModule):
+    """Base of all methods. Subclasses set ``train_keys``/``eval_keys`` via config and implement
+    ``compute_losses(batch) -> dict[name, scalar]`` (already weighted) and ``predict(images)``."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: Sequence[str],
+        schedule: Mapping[str, Any],
+        ignore_index: int = 255,
+        train_keys: Sequence[str] = ("image", "mask"),
+        eval_keys: Sequence[str] = ("image", "mask"),
+        panels: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.class_names = list(class_names)
+        self.ignore_index = ignore_index
+        self.train_keys = tuple(train_keys)
+        self.eval_keys = tuple(eval_keys)
+        self.schedule = schedule
+        self.panels = dict(_plain(panels) or {"max_images": 4, "every_n_epochs": 1})
+        self.val_cm = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index)
+        self.test_cm = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index)
+        self._panel_batch: dict[str, Any] | None = None
+
+    # -- to implement --------------------------------------------------------------------------
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """Class scores (B, C, H, W) at the input resolution."""
+        raise NotImplementedError
+
+    # -- training ------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(batch)
+        total = torch.stack(list(losses.values())).sum()
+        bs = batch["image"].shape[0]
+        for name, value in losses.items():
+            self.log(f"train/loss_{name}", value.detach(), batch_size=bs)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
+        return total
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def _eval_step(self, batch: dict[str, Any], cm: ConfusionMatrix) -> torch.Tensor:
+        scores = self.predict(batch["image"])
+        if "mask" in batch:
+            cm.update(scores, batch["mask"])
+        return scores
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        scores = self._eval_step(batch, self.val_cm)
+        if batch_idx == 0:
+            self._panel_batch = {"batch": batch, "pred": scores.argmax(1)}
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_cm)
+
+    def _log_confusion(self, cm: ConfusionMatrix, prefix: str) -> None:
+        result = cm.compute()
+        self.log(f"{prefix}/mIoU", result["mIoU"], sync_dist=False)
+        self.log(f"{prefix}/pixel_acc", result["pixel_acc"], sync_dist=False)
+        for name, iou in zip(self.class_names, result["iou"].tolist()):
+            if iou == iou:  # not NaN: the class was present
+                self.log(f"{prefix}/IoU_{name}", iou, sync_dist=False)
+        cm.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_confusion(self.val_cm, "val")
+        self._send_panels()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_confusion(self.test_cm, "test")
+
+    def _send_panels(self) -> None:
+        every = int(self.panels.get("every_n_epochs", 1))
+        if self._panel_batch is None or every <= 0 or self.trainer.sanity_checking:
+            return
+        if not self.trainer.is_global_zero or self.current_epoch % every:
+            return
+        batch, pred = self._panel_batch["batch"], self._panel_batch["pred"]
+        n = min(int(self.panels.get("max_images", 4)), batch["image"].shape[0])
+        images = [denormalize(batch["image"][i]) for i in range(n)]
+        targets = [batch["mask"][i].cpu().numpy() if "mask" in batch else None for i in range(n)]
+        preds = [pred[i].cpu().numpy() for i in range(n)]
+        log_panels(self.loggers, "val/panels", images, targets, preds, self.global_step, self.class_names)
+        self._panel_batch = None
+
+    # -- optimisation --------------------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Named parameter groups for lr multipliers; methods with extra modules may override."""
+        return param_groups(self.model)
+
+    def configure_optimizers(self):
+        sched = self.schedule
+        optimizer = build_optimizer(
+            sched["optimizer"], self.parameter_groups(), _plain(sched["lr_mult"])
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        kwargs = dict(_plain(sched["scheduler"]))
+        interval = kwargs.pop("interval", "step")
+        if interval == "epoch":
+            total = int(self.trainer.max_epochs)
+        scheduler = LambdaLR(optimizer, lambda step: lr_factor(step, total, **kwargs))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def upsample_like(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if logits.shape[-2:] == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,167 @@
+"""The entry points as a user runs them: train, resume, evaluate, DDP on CPU, W&B offline, sweeps.
+
+Each test runs ``python -m segexp.train`` / ``segexp.eval`` in a subprocess on a small synthetic
+set (the generator writes the real VOC format, so the real reader is exercised).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, SMALL_SYNTH, run_cli
+
+BASE = ["+experiment=supervised_shapes", *SMALL_SYNTH, "data.batch_size=8", "data.num_workers=0"]
+
+
+def _ok(proc) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory):
+    """A 2-epoch training run (reused by the resume and eval tests)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    proc = run_cli(
+        "segexp.train",
+        [*BASE, "schedule.epochs=2", f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"],
+        cwd=REPO,
+    )
+    _ok(proc)
+    return run_dir, proc
+
+
+def test_train_writes_metrics_config_checkpoints_and_prints_run_dir(trained_run):
+    run_dir, proc = trained_run
+    metrics = _metrics(run_dir)
+    for key in ("val/mIoU", "val/pixel_acc", "test/mIoU", "test/pixel_acc", "val/mIoU_best"):
+        assert key in metrics and 0.0 <= metrics[key] <= 1.0, key
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert f"run directory: {run_dir}" in proc.stdout
+    assert "CONFIG" in proc.stdout  # the composed config is printed as a tree
+    panels = list((run_dir / "csv").rglob("val_panels_*.png"))
+    assert panels, "image panels were not written for the CSV logger"
+
+
+def test_resume_from_last_ckpt_continues_the_same_run(trained_run, data_dir):
+    run_dir, _ = trained_run
+    last = run_dir / "checkpoints" / "last.ckpt"
+    first = torch.load(last, map_location="cpu", weights_only=False)
+    assert first["epoch"] == 1
+    steps_per_epoch = first["global_step"] // 2
+    # no hydra.run.dir: resuming continues in the checkpoint's own run directory
+    proc = run_cli(
+        "segexp.train",
+        [*BASE, "schedule.epochs=3", f"paths.data_dir={data_dir}", f"ckpt_path={last}"],
+        cwd=REPO,
+    )
+    _ok(proc)
+    assert f"run directory: {run_dir}" in proc.stdout
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 2  # one more epoch, not three from scratch
+    assert ckpt["global_step"] == 3 * steps_per_epoch  # optimizer/loop state carried over
+    with open(run_dir / "csv" / "metrics.csv") as fh:
+        epochs = {int(r["epoch"]) for r in csv.DictReader(fh) if r.get("val/mIoU")}
+    assert epochs == {0, 1, 2}, "the CSV log must continue, keeping the first run's epochs"
+
+
+def test_eval_reproduces_the_test_metric_of_the_best_checkpoint(trained_run, data_dir, tmp_path):
+    run_dir, _ = trained_run
+    best = sorted((run_dir / "checkpoints").glob("epoch_*.ckpt"))[-1]
+    proc = run_cli(
+        "segexp.eval",
+        [*BASE, f"paths.data_dir={data_dir}", f"ckpt_path={best}", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO,
+    )
+    _ok(proc)
+    got = _metrics(tmp_path)["test/mIoU"]
+    trained = torch.load(best, map_location="cpu", weights_only=False)
+    assert 0.0 <= got <= 1.0
+    assert (tmp_path / "per_class.md").read_text().count("|") > 10
+    assert trained["epoch"] in (0, 1, 2)
+
+
+def test_ddp_on_cpu_with_two_processes_gives_the_same_metric_keys(trained_run, data_dir, tmp_path):
+    run_dir, _ = trained_run
+    proc = run_cli(
+        "segexp.train",
+        ["experiment=supervised_shapes", *SMALL_SYNTH, "data.num_workers=0", "trainer=ddp_cpu",
+         "schedule.epochs=1", f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO,
+    )
+    _ok(proc)
+    assert set(_metrics(tmp_path)) == set(_metrics(run_dir))
+    assert "world_size: 2" in (proc.stdout + proc.stderr) or "GLOBAL_RANK: 1" in (proc.stdout + proc.stderr)
+
+
+def test_local_multirun_with_multiprocess_ddp_stops_with_a_clear_message(data_dir, tmp_path):
+    proc = run_cli(
+        "segexp.train",
+        ["-m", *BASE, "trainer=ddp_cpu", "seed=1", f"paths.data_dir={data_dir}",
+         f"hydra.sweep.dir={tmp_path}"],
+        cwd=REPO,
+    )
+    assert proc.returncode != 0
+    assert "submitit" in proc.stderr + proc.stdout
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_unknown_config_key_fails_with_hydras_message(tmp_path):
+    proc = run_cli("segexp.train", ["data.batchsize=4", f"hydra.run.dir={tmp_path}"], cwd=REPO)
+    assert proc.returncode != 0
+    assert "data.batchsize" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_wandb_offline_writes_a_run_with_metrics_and_images(data_dir, tmp_path):
+    proc = run_cli(
+        "segexp.train",
+        [*BASE, "logger=wandb", "schedule.epochs=1", f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO,
+        env={"WANDB_API_KEY": "", "WANDB_MODE": ""},
+    )
+    _ok(proc)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "one offline W&B run"
+    files = runs[0] / "files"
+    summary = json.loads((files / "wandb-summary.json").read_text())
+    assert "val/mIoU" in summary and "test/mIoU" in summary
+    assert list((files / "media" / "images").rglob("*.png")), "image panels logged to W&B"
+    config = (files / "config.yaml").read_text()
+    assert "supervised_shapes" in config  # the composed config is the run config
+
+
+def test_optuna_sweep_of_two_trials_finishes_with_persistent_storage(data_dir, tmp_path):
+    db = tmp_path / "optuna.db"
+    proc = run_cli(
+        "segexp.train",
+        ["-m", *BASE, "hparams_search=supervised_optuna", "hydra.sweeper.n_trials=2",
+         "hydra.sweeper.sampler.n_startup_trials=1", f"hydra.sweeper.storage=sqlite:///{db}",
+         "schedule.epochs=1", "test=false", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=REPO,
+    )
+    _ok(proc)
+    assert (tmp_path / "sweep" / "optimization_results.yaml").is_file()
+    with sqlite3.connect(db) as con:
+        states = [r[0] for r in con.execute("select state from trials")]
+    assert states == ["COMPLETE", "COMPLETE"]
+
+
+def test_submitit_local_launcher_runs_a_sweep_job(data_dir, tmp_path):
+    proc = run_cli(
+        "segexp.train",
+        ["-m", *BASE, "hydra/launcher=submitit_local", "schedule.epochs=1", "test=false",
+         f"paths.data_dir={data_dir}", f"hydra.sweep.dir={tmp_path}"],
+        cwd=REPO,
+    )
+    _ok(proc)
+    assert "val/mIoU" in _metrics(tmp_path / "0")

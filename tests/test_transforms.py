@@ -1,0 +1,68 @@
+"""Transforms move every target together; padding is ignore for semantic maps, 0 for entities."""
+
+from __future__ import annotations
+
+import albumentations as A
+import numpy as np
+import torch
+
+from segexp.data.collate import pad_collate
+from segexp.data.transforms import SampleTransform, denormalize
+
+
+def _sample(h=40, w=50):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    mask[10:20, 5:15] = 3
+    inst = np.zeros((h, w), np.int32)
+    inst[10:20, 5:15] = 1
+    sal = (mask > 0).astype(np.float32)
+    return {
+        "image": image,
+        "mask": mask,
+        "instances": inst,
+        "saliency": sal,
+        "boxes": np.array([[5, 10, 15, 20]], np.float32),
+        "box_labels": np.array([3]),
+        "labels": np.array([0, 0, 1], np.float32),
+        "meta": {"id": "a", "orig_size": (h, w)},
+    }
+
+
+def test_flip_moves_mask_instances_saliency_and_boxes_together():
+    out = SampleTransform([A.HorizontalFlip(p=1.0)])(_sample())
+    ys, xs = torch.nonzero(out["mask"] == 3, as_tuple=True)
+    assert (xs.min().item(), xs.max().item() + 1) == (50 - 15, 50 - 5)
+    assert torch.equal(out["instances"] == 1, out["mask"] == 3)
+    assert torch.equal(out["saliency"] > 0, out["mask"] == 3)
+    assert out["boxes"].tolist() == [[35.0, 10.0, 45.0, 20.0]]
+    assert out["box_labels"].tolist() == [3]
+
+
+def test_padding_is_ignore_in_mask_and_unlabeled_in_instances():
+    op = A.PadIfNeeded(min_height=64, min_width=64, border_mode=0, fill=0, fill_mask=0,
+                       position="top_left")
+    out = SampleTransform([op])(_sample())
+    assert out["image"].shape == (3, 64, 64)
+    assert (out["mask"][40:, :] == 255).all() and (out["mask"][:, 50:] == 255).all()
+    assert (out["instances"][40:, :] == 0).all()
+    assert (out["mask"][:40, :50] != 255).all()
+    assert out["valid"].sum().item() == 40 * 50
+
+
+def test_normalisation_round_trips():
+    s = _sample()
+    out = SampleTransform([])(s)
+    assert np.abs(denormalize(out["image"]).astype(int) - s["image"].astype(int)).max() <= 1
+
+
+def test_collate_pads_to_largest_and_keeps_box_lists():
+    t = SampleTransform([])
+    batch = pad_collate([t(_sample(40, 50)), t(_sample(30, 60))])
+    assert batch["image"].shape == (2, 3, 40, 60)
+    assert (batch["mask"][0, :, 50:] == 255).all() and (batch["mask"][1, 30:, :] == 255).all()
+    assert (batch["instances"][1, 30:, :] == 0).all()
+    assert isinstance(batch["boxes"], list) and len(batch["boxes"]) == 2
+    assert batch["labels"].shape == (2, 3)
+    assert [m["id"] for m in batch["meta"]] == ["a", "a"]
