@@ -52,9 +52,11 @@ def check_launch(cfg: DictConfig) -> None:
         return
     hc = HydraConfig.get()
     devices = cfg.trainer.get("devices", 1)
-    many = (isinstance(devices, int) and devices > 1) or devices in (-1, "auto") or cfg.trainer.get(
-        "num_nodes", 1
-    ) > 1
+    many = (
+        (isinstance(devices, int) and devices > 1)
+        or devices in (-1, "auto")
+        or cfg.trainer.get("num_nodes", 1) > 1
+    )
     strategy = str(cfg.trainer.get("strategy", "auto"))
     local_launcher = "basic" in str(hc.launcher.get("_target_", "")).lower()
     if hc.mode == RunMode.MULTIRUN and many and strategy.startswith("ddp") and local_launcher:

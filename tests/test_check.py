@@ -55,9 +55,8 @@ def test_every_planted_problem_is_found_with_its_path(voc):
     found = {(p.index, p.key): str(p) for p in report.problems}
     assert len(report.problems) == 4, format_report(report)
     assert f"JPEGImages/{a}.jpg" in found[(0, "image")] and "not found" in found[(0, "image")]
-    assert (
-        "differs from its image" in found[(1, "labels, mask")] and f"SegmentationClass/{b}.png" in found[(1, "labels, mask")]
-    )
+    mismatch = found[(1, "labels, mask")]  # one bad mask breaks both keys: reported once
+    assert "differs from its image" in mismatch and f"SegmentationClass/{b}.png" in mismatch
     assert "label values 40 outside the class set" in found[(2, "labels, mask")]
     assert "malformed XML" in found[(2, "boxes")] and f"Annotations/{c}.xml" in found[(2, "boxes")]
     assert "problems: 4" in format_report(report)
@@ -158,3 +157,24 @@ def test_cli_exits_nonzero_and_names_the_file(tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     assert f"SegmentationClass/{VOC_IDS[2]}.png: file not found" in out.stdout
     assert "== 1 problem(s) in 1 split(s)" in out.stdout
+
+
+def test_run_check_covers_splits_once_and_every_test_set(tmp_path):
+    from fixtures_formats import data_config
+    from omegaconf import OmegaConf
+
+    from segexp.data.check import run_check
+
+    write_sod_set(tmp_path / "DUTS" / "DUTS-TR", "DUTS-TR-Image", "DUTS-TR-Mask")
+    write_sod_set(tmp_path / "DUTS" / "DUTS-TE", "DUTS-TE-Image", "DUTS-TE-Mask")
+    write_sod_set(tmp_path / "HKU-IS", "imgs", "gt")
+    cfg = OmegaConf.create(
+        {"data": data_config("sod_bench", tmp_path), "split": None, "keys": None, "limit": None}
+    )
+    reports = {r.name + ":" + r.split: r for r in run_check(cfg)}
+    # val and test are both DUTS-TE: checked once; then the six benchmark sets
+    assert list(reports)[:2] == ["sod_bench:DUTS-TR", "sod_bench:DUTS-TE"] and len(reports) == 8
+    assert reports["sod_bench/HKU-IS:test"].ok and reports["sod_bench/DUTS-TE:test"].checked == 4
+    missing = reports["sod_bench/ECSSD:test"].problems
+    assert len(missing) == 1 and missing[0].path == str(tmp_path / "ECSSD" / "images")
+    assert "directory not found" in missing[0].problem

@@ -92,8 +92,14 @@ def test_bf16_mixed_precision_runs_on_cpu(data_dir, tmp_path):
     from segexp.runner import train
 
     cfg = compose(
-        ["+experiment=supervised_shapes", "debug=fdr", "trainer.precision=bf16-mixed", *TINY, *SMALL_SYNTH,
-         f"paths.data_dir={data_dir}"],
+        [
+            "+experiment=supervised_shapes",
+            "debug=fdr",
+            "trainer.precision=bf16-mixed",
+            *TINY,
+            *SMALL_SYNTH,
+            f"paths.data_dir={data_dir}",
+        ],
         out_dir=tmp_path,
     )
     metrics = train(cfg)

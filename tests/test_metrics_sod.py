@@ -18,7 +18,8 @@ def reference(preds, gts, normalize=True) -> dict:
     """What PySODEvalToolkit reports, from the reference classes, plus its curves."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Fmeasure's deprecation notice
-        fm, mae, sm, em, wfm = psm.Fmeasure(), psm.MAE(), psm.Smeasure(), psm.Emeasure(), psm.WeightedFmeasure()
+        fm, mae, sm = psm.Fmeasure(), psm.MAE(), psm.Smeasure()
+        em, wfm = psm.Emeasure(), psm.WeightedFmeasure()
         for p, g in zip(preds, gts):
             for m in (fm, mae, sm, em, wfm):
                 m.step(p, g, normalize=normalize)

@@ -51,7 +51,9 @@ def test_optimizer_groups_get_their_multipliers():
     import functools
 
     factory = functools.partial(torch.optim.SGD, lr=0.01, weight_decay=1e-4)
-    opt = build_optimizer(factory, groups, {"backbone": 1, "backbone_no_decay": 2, "new": 10, "new_no_decay": 20})
+    opt = build_optimizer(
+        factory, groups, {"backbone": 1, "backbone_no_decay": 2, "new": 10, "new_no_decay": 20}
+    )
     by_name = {g["name"]: g for g in opt.param_groups}
     assert by_name["backbone"]["lr"] == pytest.approx(0.01)
     assert by_name["backbone_no_decay"]["lr"] == pytest.approx(0.02)

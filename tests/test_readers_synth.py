@@ -9,7 +9,7 @@ from fixtures_formats import data_config, reader_from_config
 from segexp.data.readers.coco import COCOInstances, COCOPanoptic
 from segexp.data.readers.sod import SalientObjects
 from segexp.data.readers.voc import VOCSegmentation
-from segexp.data.synth import CLASS_NAMES, ensure_synthetic, panoptic_annotation, render_sample
+from segexp.data.synth import CLASS_NAMES, panoptic_annotation, render_sample
 
 NUM, SIZE, SEED = 10, 64, 3
 OVERRIDES = {"prepare.num_images": NUM, "prepare.size": SIZE, "prepare.seed": SEED}

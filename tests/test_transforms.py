@@ -41,8 +41,7 @@ def test_flip_moves_mask_instances_saliency_and_boxes_together():
 
 
 def test_padding_is_ignore_in_mask_and_unlabeled_in_instances():
-    op = A.PadIfNeeded(min_height=64, min_width=64, border_mode=0, fill=0, fill_mask=0,
-                       position="top_left")
+    op = A.PadIfNeeded(min_height=64, min_width=64, border_mode=0, fill=0, fill_mask=0, position="top_left")
     out = SampleTransform([op])(_sample())
     assert out["image"].shape == (3, 64, 64)
     assert (out["mask"][40:, :] == 255).all() and (out["mask"][:, 50:] == 255).all()

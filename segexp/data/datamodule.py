@@ -4,13 +4,18 @@ Which dataset is read is entirely in ``conf/data/<name>.yaml`` (the ``reader`` p
 ``splits`` mapping); which sample keys are loaded is what the method declares it needs
 (``train_keys``/``eval_keys``). A method asking for supervision the dataset does not have fails
 here, at construction, before any model is built or file is read.
+
+``train_wrappers``/``eval_wrappers`` are callables ``reader -> reader`` applied in order (label
+corruption, pseudo labels read from a stage cache, ...). A wrapper class that adds sample keys
+lists them in a class attribute ``adds`` so the key check knows about them.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
@@ -57,6 +62,8 @@ class SegDataModule(pl.LightningDataModule):
         train_keys: Sequence[str] = ("image", "mask"),
         eval_keys: Sequence[str] = ("image", "mask"),
         pin_memory: bool = False,
+        train_wrappers: Sequence[Callable[[Dataset], Dataset]] = (),
+        eval_wrappers: Sequence[Callable[[Dataset], Dataset]] = (),
     ):
         super().__init__()
         if len(class_names) != num_classes:
@@ -77,6 +84,7 @@ class SegDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.train_keys = tuple(train_keys)
         self.eval_keys = tuple(eval_keys)
+        self.wrappers = {"train": list(train_wrappers), "eval": list(eval_wrappers)}
         self._check_keys()
         self.train_transform = SampleTransform(transforms.get("train", ()), ignore_index=ignore_index)
         self.eval_transform = SampleTransform(transforms.get("eval", ()), ignore_index=ignore_index)
@@ -87,8 +95,12 @@ class SegDataModule(pl.LightningDataModule):
         provides = getattr(cls, "provides", None)
         if provides is None:
             return
-        for role, keys in (("training", self.train_keys), ("evaluation", self.eval_keys)):
-            missing = sorted(set(keys) - set(provides) - {"meta"})
+        for role, keys, wrappers in (
+            ("training", self.train_keys, self.wrappers["train"]),
+            ("evaluation", self.eval_keys, self.wrappers["eval"]),
+        ):
+            added = {k for w in wrappers for k in getattr(_reader_class(w), "adds", ())}
+            missing = sorted(set(keys) - set(provides) - added - {"meta"})
             if missing:
                 raise ValueError(
                     f"the method needs {missing} for {role}, but dataset '{self.name}' "
@@ -117,7 +129,11 @@ class SegDataModule(pl.LightningDataModule):
 
     def build_dataset(self, role: str) -> TransformedDataset:
         keys = self.train_keys if role == "train" else self.eval_keys
-        reader = self.reader(split=self.splits[role], keys=list(keys))
+        wrappers = self.wrappers["train" if role == "train" else "eval"]
+        added = {k for w in wrappers for k in getattr(_reader_class(w), "adds", ())}
+        reader = self.reader(split=self.splits[role], keys=[k for k in keys if k not in added])
+        for wrap in wrappers:  # e.g. label noise (CAS), pseudo labels from a cached stage (Box2Seg, WSSS)
+            reader = wrap(reader)
         if len(reader) == 0:
             raise ValueError(f"data '{self.name}': split '{self.splits[role]}' ({role}) has no images")
         transform = self.train_transform if role == "train" else self.eval_transform

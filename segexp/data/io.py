@@ -125,7 +125,7 @@ def write_palette_png(path: str | os.PathLike, index: np.ndarray, palette: np.nd
 def write_gray_png(path: str | os.PathLike, arr: np.ndarray) -> None:
     """8-bit ('L') or 16-bit ('I;16') grayscale PNG, chosen by dtype."""
     if arr.dtype == np.uint16:
-        img = Image.fromarray(arr, mode="I;16")
+        img = Image.fromarray(arr)  # Pillow picks 'I;16' (an explicit mode= is rejected by Pillow 13)
     else:
         img = Image.fromarray(arr.astype(np.uint8), mode="L")
     with atomic_path(path) as tmp:
@@ -246,12 +246,13 @@ def write_voc_xml(path: str | os.PathLike, ann: VOCAnnotation, folder: str = "VO
 
 
 def read_split_file(path: str | os.PathLike) -> list[str]:
-    """Image ids of a split list: bare ids, or VOC-aug pairs '/JPEGImages/x.jpg /SegmentationClassAug/x.png'."""
+    """Image ids of a split list: bare ids, or VOC-aug pairs
+    '/JPEGImages/x.jpg /SegmentationClassAug/x.png'."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(path, "split file not found")
     ids = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for line in path.read_text().splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue

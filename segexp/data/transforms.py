@@ -9,7 +9,8 @@ one fill value per target, which albumentations alone cannot express.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import albumentations as A
 import numpy as np
@@ -40,16 +41,20 @@ class SampleTransform:
         self.ignore_index = ignore_index
         self.mean = np.asarray(mean, dtype=np.float32) * 255.0
         self.std = np.asarray(std, dtype=np.float32) * 255.0
-        self.compose = None if not ops else A.Compose(
-            list(ops),
-            additional_targets={k: "mask" for k in (*_MASK_TARGETS, "valid") if k != "mask"},
-            bbox_params=A.BboxParams(
-                format="pascal_voc",
-                label_fields=["box_labels", "box_difficult"],
-                min_visibility=min_box_visibility,
-                clip=True,
-            ),
-            strict=False,
+        self.compose = (
+            None
+            if not ops
+            else A.Compose(
+                list(ops),
+                additional_targets={k: "mask" for k in (*_MASK_TARGETS, "valid") if k != "mask"},
+                bbox_params=A.BboxParams(
+                    format="pascal_voc",
+                    label_fields=["box_labels", "box_difficult"],
+                    min_visibility=min_box_visibility,
+                    clip=True,
+                ),
+                strict=False,
+            )
         )
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,8 @@ Nothing here branches on device, precision or strategy — those are Trainer set
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -124,9 +125,7 @@ class SegMethod(pl.LightningModule):
 
     def configure_optimizers(self):
         sched = self.schedule
-        optimizer = build_optimizer(
-            sched["optimizer"], self.parameter_groups(), _plain(sched["lr_mult"])
-        )
+        optimizer = build_optimizer(sched["optimizer"], self.parameter_groups(), _plain(sched["lr_mult"]))
         total = int(self.trainer.estimated_stepping_batches)
         kwargs = dict(_plain(sched["scheduler"]))
         interval = kwargs.pop("interval", "step")

@@ -12,8 +12,14 @@ from segexp.methods.base import SegMethod, upsample_like
 
 
 class SupervisedSegmentation(SegMethod):
-    def __init__(self, model: nn.Module, loss: nn.Module, target_key: str = "mask", name: str = "supervised",
-                 **base: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.Module,
+        target_key: str = "mask",
+        name: str = "supervised",
+        **base: Any,
+    ):
         super().__init__(**base)
         self.model = model
         self.loss = loss

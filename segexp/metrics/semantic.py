@@ -32,24 +32,42 @@ def _as_labels(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return preds
 
 
+_CPU_CHUNK = 1 << 15  # CPU step: temporaries stay in cache and under ATen's parallel grain (no OpenMP sync)
+
+
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int | None = 255) -> torch.Tensor:
     """int64 ``num_classes x num_classes`` counts (row = GT, column = prediction).
 
     ``pred`` is labels of the same shape as ``target`` or scores with one more (class) dimension
-    at position 1. One ``torch.bincount`` of ``target * C + pred`` over the valid pixels.
+    at position 1. One ``torch.bincount`` of ``target * C + pred``; pixels that are ignored or
+    out of range go to an extra bin that is dropped (no boolean gathering).
     """
-    pred = _as_labels(pred, target).reshape(-1).long()
-    target = target.reshape(-1).long()
-    valid = (target >= 0) & (target < num_classes)
-    if ignore_index is not None:
-        valid &= target != ignore_index
-    pred, target = pred[valid], target[valid]
-    if pred.numel() and (pred.min() < 0 or pred.max() >= num_classes):
-        raise ValueError(f"predicted labels must lie in [0, {num_classes}); got "
-                         f"[{int(pred.min())}, {int(pred.max())}]")
-    counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes)
+    c = int(num_classes)
+    pred = _as_labels(pred, target).reshape(-1)
+    target = target.reshape(-1)
+    if pred.numel():
+        lo, hi = torch.aminmax(pred)
+        if lo < 0 or hi >= c:  # only predictions on valid pixels must be in range
+            valid = (target >= 0) & (target < c)
+            if ignore_index is not None:
+                valid &= target != ignore_index
+            bad = valid & ((pred < 0) | (pred >= c))
+            if bool(bad.any()):
+                raise ValueError(f"predicted labels must lie in [0, {c}); got {pred[bad][:5].tolist()}")
+            pred = torch.where(valid, pred, 0)
+    dump = c * c
+    counts = torch.zeros(dump + 1, dtype=torch.long, device=target.device)
+    step = _CPU_CHUNK if target.device.type == "cpu" else max(1, target.numel())
+    for s in range(0, target.numel(), step):
+        idx = target[s:s + step].to(torch.int64, copy=True)
+        invalid = (idx < 0) | (idx >= c)
+        if ignore_index is not None:
+            invalid |= idx == ignore_index
+        idx.mul_(c).add_(pred[s:s + step])
+        idx.masked_fill_(invalid, dump)
+        counts += torch.bincount(idx, minlength=dump + 1)
+    return counts[:dump].reshape(c, c)
 
 
 def iou_from_confusion(cm: torch.Tensor) -> torch.Tensor:

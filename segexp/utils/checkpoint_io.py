@@ -18,7 +18,9 @@ from segexp.utils.atomic import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options=None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options=None
+    ) -> None:
         if get_filesystem(path).protocol not in ("file", ("file", "local")) and "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)  # remote: fsspec's own
         with atomic_path(Path(path)) as tmp:

@@ -8,8 +8,8 @@ run directory — so every logger shows the same thing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

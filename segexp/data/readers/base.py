@@ -25,7 +25,8 @@ meta           dict(id=str, path=str, orig_size=(H, W))
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 from torch.utils.data import Dataset

@@ -191,7 +191,7 @@ class COCOInstances(Reader):
         self.class_names = resolve_class_names(class_names, derived, self.json_path)
         self.images = self.index.images
         if skip_empty:
-            self.images = [im for im in self.images if self._objects(im, check=False)]
+            self.images = [im for im in self.images if self._has_objects(im)]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -199,20 +199,27 @@ class COCOInstances(Reader):
     def image_path(self, info: Mapping[str, Any]) -> Path:
         return self.image_dir / str(info["file_name"])
 
-    def _objects(self, info: Mapping[str, Any], check: bool = True) -> list[tuple[dict[str, Any], int]]:
+    def _objects(self, info: Mapping[str, Any]) -> list[tuple[dict[str, Any], int]]:
         """(annotation, class index) of the image's annotations whose category is mapped."""
         out = []
         for ann in self.index.annotations.get(int(info["id"]), []):
             cid = int(ann["category_id"])
-            if check and cid not in self.index.category_ids:
+            if cid not in self.index.category_ids:
                 raise DatasetError(
                     self.json_path,
                     f"annotation id {ann.get('id')} of image {info['file_name']} has category_id {cid}, "
                     "which is not in 'categories'",
                 )
-            if cid in self.category_to_class and (check or not ann.get("iscrowd", 0)):
+            if cid in self.category_to_class:
                 out.append((ann, self.category_to_class[cid]))
         return out
+
+    def _has_objects(self, info: Mapping[str, Any]) -> bool:
+        """Whether the image has a non-crowd annotation of a mapped category (for ``skip_empty``)."""
+        return any(
+            int(ann["category_id"]) in self.category_to_class and not ann.get("iscrowd", 0)
+            for ann in self.index.annotations.get(int(info["id"]), [])
+        )
 
     def _boxes(self, objects: list[tuple[dict[str, Any], int]]) -> tuple[np.ndarray, np.ndarray]:
         """xyxy boxes of the non-crowd objects; COCO's [x, y, w, h] is already 0-based and continuous."""
