@@ -27,11 +27,13 @@ install: $(STAMP) ## create .venv: pinned torch/torchvision first, then segexp (
 train: $(STAMP) ## train + test the default experiment (EXPERIMENT=supervised_shapes); any Hydra override via ARGS="..."
 	$(PY) -m segexp.train +experiment=$(EXPERIMENT) $(ARGS)
 
+# Two pytest workers with one torch thread each: on 2 cores, more threads than cores makes
+# OpenMP spin-wait and every step several times slower.
 test: $(STAMP) ## the default test suite (what CI runs)
-	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## only the long end-to-end runs (marked slow)
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check segexp tests

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segexp.utils.atomic import write_json, write_text
 from segexp.utils.config import instantiate_named
+from segexp.utils.dump import PredictionDump
 
 log = logging.getLogger(__name__)
 
@@ -138,17 +139,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise FileNotFoundError(f"ckpt_path={ckpt}: no such checkpoint file")
     datamodule = build_datamodule(cfg)
     method = hydra.utils.instantiate(cfg.method)
+    dump = cfg.get("dump") or {}
+    if dump.get("predictions") or dump.get("per_image"):
+        method.dump = PredictionDump(out, method.num_classes, method.class_names, method.ignore_index,
+                                     predictions=bool(dump.get("predictions")),
+                                     per_image=bool(dump.get("per_image")))
     loggers = instantiate_named(cfg.get("logger"))
     trainer = build_trainer(cfg, instantiate_named(cfg.get("callbacks")), loggers)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, out / "config.yaml", resolve=False)
     split = cfg.get("split", "test")
-    if split == "val":
-        trainer.validate(method, datamodule=datamodule, ckpt_path=str(ckpt))
-        metrics = _scalars(trainer.callback_metrics, "val/")
-    else:
-        trainer.test(method, datamodule=datamodule, ckpt_path=str(ckpt))
-        metrics = _scalars(trainer.callback_metrics, "test/")
+    if split not in ("val", "test"):
+        raise ValueError(f"split={split!r}: choose val or test")
+    datamodule.setup("fit" if split == "val" else "test")
+    loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+    # Lightning names test-loop metrics test/*; they are renamed after the split actually evaluated.
+    trainer.test(method, dataloaders=loader, ckpt_path=str(ckpt))
+    metrics = {f"{split}/{k[len('test/'):]}": v for k, v in _scalars(trainer.callback_metrics, "test/").items()}
     if trainer.is_global_zero:
         write_json(out / "metrics.json", metrics)
         result = {

@@ -70,7 +70,40 @@ def _voc_fixture_from_synthetic(data_dir: Path) -> Path:
         for split in ("train", "val"):
             shutil.copy(voc / "ImageSets" / "Segmentation" / f"{split}.txt", aug_sets / f"{split}.txt")
         shutil.copy(aug_sets / "train.txt", aug_sets / "train_aug.txt")
+        # XML object names -> the VOC class of the same index as in the masks (for data=voc_boxes)
+        from segexp.data.readers.voc import VOC_CLASSES
+        from segexp.data.synth import CLASS_NAMES
+
+        for xml in (voc / "Annotations").glob("*.xml"):
+            text = xml.read_text()
+            for i, name in enumerate(CLASS_NAMES[1:], 1):
+                text = text.replace(f"<name>{name}</name>", f"<name>{VOC_CLASSES[i]}</name>")
+            xml.write_text(text)
     return dst
+
+
+def _duts_fixture_from_synthetic(data_dir: Path) -> Path:
+    """A DUTS tree (DUTS-TR / DUTS-TE, official folder names) from the generator's SOD output."""
+    from segexp.data.synth import ensure_synthetic
+
+    synth = ensure_synthetic(data_dir / "voc_src", num_images=12, size=64, seed=3)
+    dst = data_dir / "dutsfix"
+    if not dst.exists():
+        for split, name in (("train", "DUTS-TR"), ("val", "DUTS-TE")):
+            shutil.copytree(synth / "SOD" / split / "Image", dst / "DUTS" / name / f"{name}-Image")
+            shutil.copytree(synth / "SOD" / split / "Mask", dst / "DUTS" / name / f"{name}-Mask")
+    return dst
+
+
+def _coarse_checkpoint(name: str, overrides: list[str], tmp_path: Path) -> list[str]:
+    """`*_fine` experiments (LDF second stage) need a coarse checkpoint: an untrained one will do."""
+    import hydra
+    import torch
+
+    cfg = compose(overrides + ["coarse_ckpt=unused"], out_dir=tmp_path)
+    ckpt = tmp_path / "coarse.ckpt"
+    torch.save({"state_dict": hydra.utils.instantiate(cfg.method).state_dict()}, ckpt)
+    return [f"coarse_ckpt={ckpt}"]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -78,10 +111,14 @@ def test_experiment_runs_fast_dev_run(name, data_dir, tmp_path):
     from segexp.runner import train
 
     overrides = [f"+experiment={name}", "debug=fdr", *TINY, f"paths.data_dir={data_dir}"]
-    if name.endswith("_shapes"):
+    if "_shapes" in name:
         overrides += SMALL_SYNTH
+    elif "duts" in name:  # salient-object experiments: a DUTS-layout fixture
+        overrides += [f"paths.data_dir={_duts_fixture_from_synthetic(data_dir)}", "data.image_size=64"]
     else:
         overrides += [f"paths.data_dir={_voc_fixture_from_synthetic(data_dir)}", "data.image_size=64"]
+    if name.endswith("_fine"):
+        overrides += _coarse_checkpoint(name, overrides, tmp_path)
     cfg = compose(overrides, out_dir=tmp_path)
     metrics = train(cfg)
     assert "test/mIoU" in metrics and "val/mIoU" in metrics
@@ -104,3 +141,17 @@ def test_bf16_mixed_precision_runs_on_cpu(data_dir, tmp_path):
     )
     metrics = train(cfg)
     assert 0.0 <= metrics["test/mIoU"] <= 1.0
+
+
+def test_slurm_and_local_submitit_launchers_compose():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        slurm = hydra_compose(
+            config_name="train",
+            overrides=["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
+    assert "SlurmLauncher" in slurm.hydra.launcher._target_
+    assert slurm.hydra.launcher.partition == "gpu"

@@ -138,7 +138,8 @@ class LDFLabels(Dataset):
             raise ValueError(f"unknown LDF label source {source!r}; choose one of {SOURCES}")
         self.reader = reader
         self.source = source
-        settings: dict[str, Any] = {"source": source, "reader": getattr(reader, "name", type(reader).__name__)}
+        name = getattr(reader, "name", type(reader).__name__)
+        settings: dict[str, Any] = {"source": source, "reader": name}
         if source == "coarse":
             if not coarse_ckpt:
                 raise ValueError(
@@ -206,7 +207,8 @@ class LDFLabels(Dataset):
             s, k = samples[i]
             image = norm({"image": s["image"]})["image"][None]
             h, w = image.shape[-2:]
-            x = torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+            x = torch.nn.functional.interpolate(image, size=(size, size), mode="bilinear",
+                                                align_corners=False)
             outs = model(x)
             maps = []
             for logit in (outs[3], outs[4]):  # outb2, outd2

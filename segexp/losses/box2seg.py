@@ -261,12 +261,15 @@ class Box2SegLoss(nn.Module):
             emb = emb.detach()
         return affinity_loss(emb, targets, valid, size, int(a["stride"]), int(a["max_pixels"]), a["mapping"])
 
-    def pretrain(self, embeddings: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    def pretrain(
+        self, embeddings: torch.Tensor, target: torch.Tensor, num_classes: int
+    ) -> dict[str, torch.Tensor]:
         """Embedding pretraining: affinities agree with GrabCut same-label pairs (one-hot targets)."""
         if not self.active("pretrain"):
             return {}
         valid = target != self.ignore_index
-        onehot = F.one_hot(torch.where(valid, target, 0), num_classes).permute(0, 3, 1, 2).to(embeddings.dtype)
+        onehot = F.one_hot(torch.where(valid, target, 0), num_classes).permute(0, 3, 1, 2)
+        onehot = onehot.to(embeddings.dtype)
         loss = self._affinity(embeddings, onehot, valid, tuple(target.shape[-2:]))
         return {"pretrain": self.weights["pretrain"] * loss}
 
@@ -294,7 +297,8 @@ class Box2SegLoss(nn.Module):
         if self.active("fr"):
             if alpha is None:
                 raise ValueError("the fr term needs the attention head (alpha)")
-            out["fr"] = self.weights["fr"] * filling_rate_hinge(alpha, target, boxes, self.gamma, self.ignore_index)
+            hinge = filling_rate_hinge(alpha, target, boxes, self.gamma, self.ignore_index)
+            out["fr"] = self.weights["fr"] * hinge
         if self.active("aff"):
             if embeddings is None:
                 raise ValueError("the aff term needs the embedding head (beta)")
@@ -302,5 +306,6 @@ class Box2SegLoss(nn.Module):
             if valid is not None:
                 keep = keep & valid.bool()
             probs = log_probs.exp()
-            out["aff"] = self.weights["aff"] * self._affinity(embeddings, probs, keep, tuple(target.shape[-2:]))
+            aff = self._affinity(embeddings, probs, keep, tuple(target.shape[-2:]))
+            out["aff"] = self.weights["aff"] * aff
         return out

@@ -70,8 +70,10 @@ def cas_loss_paper(
     if probs.shape[0] != regions.shape[0] or probs.shape[-2:] != regions.shape[-2:]:
         raise ValueError(f"probs {tuple(probs.shape)} and regions {tuple(regions.shape)} do not match")
     b, c = probs.shape[:2]
-    s = probs.reshape(b, c, -1).float()  # (B, C, P)
-    onehot = _region_onehot(regions, valid)  # (B, R, P)
+    s = probs.reshape(b, c, -1)  # (B, C, P)
+    if s.dtype in (torch.float16, torch.bfloat16):
+        s = s.float()
+    onehot = _region_onehot(regions, valid).to(s.dtype)  # (B, R, P)
     area = onehot.sum(-1)  # (B, R)
     present = area > 0
     means = torch.einsum("brp,bcp->brc", onehot, s) / area.clamp(min=1)[..., None]  # (B, R, C)

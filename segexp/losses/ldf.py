@@ -43,7 +43,9 @@ def _bce(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None)
     return (per_pixel * valid).sum() / valid.expand_as(per_pixel).sum().clamp(min=1)
 
 
-def bce_iou_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+def bce_iou_loss(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """BCE + IoU on one saliency map (the structure loss of the saliency head)."""
     return _bce(logits, target, valid) + iou_loss(logits, target, valid)
 

@@ -22,6 +22,8 @@ from segexp.data.transforms import denormalize
 from segexp.methods.optim import build_optimizer, lr_factor
 from segexp.metrics.semantic import ConfusionMatrix
 from segexp.models.param_groups import param_groups
+from segexp.postprocess.tta import predict_tta
+from segexp.utils.dump import PredictionDump
 from segexp.utils.panels import log_panels
 
 
@@ -42,6 +44,7 @@ class SegMethod(pl.LightningModule):
         train_keys: Sequence[str] = ("image", "mask"),
         eval_keys: Sequence[str] = ("image", "mask"),
         panels: Mapping[str, Any] | None = None,
+        tta: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -54,6 +57,10 @@ class SegMethod(pl.LightningModule):
         self.val_cm = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index)
         self.test_cm = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index)
         self._panel_batch: dict[str, Any] | None = None
+        # Evaluation-time augmentation (segexp.postprocess.tta): scales, flip, window, stride.
+        self.tta = dict(_plain(tta) or {})
+        # Set by segexp.runner.evaluate: write test predictions / per-image scores there.
+        self.dump: PredictionDump | None = None
 
     # -- to implement --------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover
@@ -74,8 +81,16 @@ class SegMethod(pl.LightningModule):
         return total
 
     # -- evaluation ----------------------------------------------------------------------------
+    def infer(self, images: torch.Tensor) -> torch.Tensor:
+        """Scores used for evaluation: ``predict`` itself, or its test-time-augmented average."""
+        scales = tuple(self.tta.get("scales", (1.0,)))
+        if scales == (1.0,) and not self.tta.get("flip") and not self.tta.get("window"):
+            return self.predict(images)
+        return predict_tta(self.predict, images, scales=scales, flip=bool(self.tta.get("flip")),
+                           window=self.tta.get("window"), stride=self.tta.get("stride"))
+
     def _eval_step(self, batch: dict[str, Any], cm: ConfusionMatrix) -> torch.Tensor:
-        scores = self.predict(batch["image"])
+        scores = self.infer(batch["image"])
         if "mask" in batch:
             cm.update(scores, batch["mask"])
         return scores
@@ -86,7 +101,9 @@ class SegMethod(pl.LightningModule):
             self._panel_batch = {"batch": batch, "pred": scores.argmax(1)}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_cm)
+        scores = self._eval_step(batch, self.test_cm)
+        if self.dump is not None:
+            self.dump.add(batch, scores.argmax(1))
 
     def _log_confusion(self, cm: ConfusionMatrix, prefix: str) -> None:
         result = cm.compute()
@@ -103,6 +120,8 @@ class SegMethod(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_confusion(self.test_cm, "test")
+        if self.dump is not None:
+            self.dump.finish(self.global_rank)
 
     def _send_panels(self) -> None:
         every = int(self.panels.get("every_n_epochs", 1))

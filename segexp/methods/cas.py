@@ -45,7 +45,8 @@ class CASSaliency(SODMethod):
             raise ValueError(f"salient_channel must be 'auto' or in 0..{num_outputs - 1}")
         self.auto_channel = salient_channel == "auto"
         self.num_outputs = num_outputs
-        self.register_buffer("salient_channel", torch.tensor(1 if self.auto_channel else int(salient_channel)))
+        first = 1 if self.auto_channel else int(salient_channel)
+        self.register_buffer("salient_channel", torch.tensor(first))
         self.val_sod_ch = nn.ModuleList([SODMetrics() for _ in range(num_outputs)])
         self.val_cm_ch = nn.ModuleList([ConfusionMatrix(2, self.ignore_index) for _ in range(num_outputs)])
         self._contrast = torch.zeros(num_outputs, dtype=torch.float64)

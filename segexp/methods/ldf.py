@@ -110,7 +110,10 @@ class LDFSaliency(SODMethod):
         sal, body, detail, valid = maps.split(1, dim=1)
         valid = (valid > 0.5).float()
         branch1 = body if self.supervision[0] == "body" else sal
-        branch2 = detail if self.supervision[1] == "detail" else edge_band((sal > 0.5).float(), self.edge_width)
+        if self.supervision[1] == "detail":
+            branch2 = detail
+        else:
+            branch2 = edge_band((sal > 0.5).float(), self.edge_width)
         return image, {"branch1": branch1, "branch2": branch2, "saliency": sal}, valid
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -122,7 +125,8 @@ class LDFSaliency(SODMethod):
         h, w = images.shape[-2:]
         x = images
         if self.test_size:
-            x = F.interpolate(images, size=(self.test_size, self.test_size), mode="bilinear", align_corners=False)
+            size = (self.test_size, self.test_size)
+            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         logits = self(x, shape=(h, w))[-1]
         return torch.sigmoid(logits.float())
 

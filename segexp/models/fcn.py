@@ -66,8 +66,9 @@ class SegNet(nn.Module):
         if head == "fcn":
             self.head: nn.Module = FCNHead(in_ch, num_classes, 0.1 if dropout is None else dropout)
         else:
-            rates = tuple(aspp_rates) if aspp_rates is not None else default_aspp_rates(backbone.reductions[-1])
-            self.head = DeepLabV3Head(in_ch, num_classes, rates, aspp_channels, 0.5 if dropout is None else dropout)
+            rates = default_aspp_rates(backbone.reductions[-1]) if aspp_rates is None else tuple(aspp_rates)
+            drop = 0.5 if dropout is None else dropout
+            self.head = DeepLabV3Head(in_ch, num_classes, rates, aspp_channels, drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.backbone(x)[-1])

@@ -98,8 +98,10 @@ class LDFNet(nn.Module):
         self.encoder = _InteractionEncoder(c)
         self.head_b = nn.Conv2d(c, 1, 3, padding=1)
         self.head_d = nn.Conv2d(c, 1, 3, padding=1)
-        self.head_s = nn.Sequential(nn.Conv2d(2 * c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                                    nn.Conv2d(c, 1, 3, padding=1))
+        self.head_s = nn.Sequential(
+            nn.Conv2d(2 * c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+            nn.Conv2d(c, 1, 3, padding=1),
+        )
         for name, m in self.named_modules():
             if name.startswith("backbone"):
                 continue
@@ -128,7 +130,8 @@ class LDFNet(nn.Module):
             ob = self.decoder_b(fb, gb)
             od = self.decoder_d(fd, gd)
             cat = torch.cat([ob, od], dim=1)
-            outputs += [_up(self.head_b(ob), shape), _up(self.head_d(od), shape), _up(self.head_s(cat), shape)]
+            outputs += [_up(self.head_b(ob), shape), _up(self.head_d(od), shape)]
+            outputs.append(_up(self.head_s(cat), shape))
             if k + 1 < self.iterations:
                 gb, gd = self.encoder(cat)
         return tuple(outputs)

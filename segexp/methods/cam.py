@@ -1,0 +1,162 @@
+"""Plain CAM baseline (``method=cam``): backbone + 1x1 classifier, GAP, multilabel soft-margin loss.
+
+Also the base of every image-level CAM method (SEAM, SC-CAM, ...): it owns
+
+* ``fg_cams(images)``: raw foreground CAMs on the feature grid (what inference aggregates);
+* ``multiscale_cams(image, labels)``: the multi-scale x flip CAM of one image at its own size,
+  label-masked and normalised as the method specifies (CAM export, stage 2 of the pipeline);
+* validation/test: ``predict`` gives ``[bg = bg_threshold, normalised CAMs]`` class scores, masked by
+  the image labels when the batch has them (``eval_keys`` include ``labels``), so ``val/mIoU`` is the
+  single-scale CAM mIoU at ``bg_threshold``; ``val/cam_best_mIoU`` / ``val/cam_best_threshold`` read
+  the background-threshold curve (:class:`~segexp.metrics.cam.CAMThresholdCurve`; best threshold
+  chosen on the evaluated split itself - optimistic, as in SEAM's ``--curve``).
+
+Normalisations (``cam_norm``): ``max`` = psa/AffinityNet ``infer_cls.py`` (ReLU per pass, sum,
+divide by max + 1e-5); ``minmax`` = SEAM ``infer_SEAM.py:72-77`` (sum, ReLU, (s - min - 1e-5) /
+(max - min + 1e-5), values below min + 1e-5 set to 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segexp.losses.cam import gap_logits, multilabel_soft_margin
+from segexp.methods.base import SegMethod
+from segexp.metrics.cam import CAMThresholdCurve
+
+__all__ = ["CAMMethod", "normalise_cams", "CAM_NORMS"]
+
+CAM_NORMS = ("max", "minmax")
+
+
+def normalise_cams(summed: torch.Tensor, mode: str = "max", eps: float = 1e-5) -> torch.Tensor:
+    """Per (image, class) normalisation of aggregated CAMs (N, K, H, W) (see the module docstring)."""
+    if mode == "max":
+        s = summed.clamp(min=0)
+        return s / (s.flatten(2).amax(-1)[..., None, None] + eps)
+    if mode == "minmax":
+        s = summed.clamp(min=0)
+        smin = s.flatten(2).amin(-1)[..., None, None]
+        smax = s.flatten(2).amax(-1)[..., None, None]
+        return ((s - smin - eps) / (smax - smin + eps)).clamp(min=0)
+    raise ValueError(f"cam_norm must be one of {CAM_NORMS}, got {mode!r}")
+
+
+class CAMMethod(SegMethod):
+    """CAM classifier. ``model`` is a :class:`~segexp.models.cam_head.CAMNet` with ``num_classes - 1``
+    outputs (foreground only) or ``num_classes`` with ``background_first`` (SEAM)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str = "cam",
+        cam_norm: str = "max",
+        bg_threshold: float = 0.2,
+        cls_weight: float = 1.0,
+        inference: dict[str, Any] | None = None,
+        **base: Any,
+    ):
+        super().__init__(**base)
+        if cam_norm not in CAM_NORMS:
+            raise ValueError(f"cam_norm must be one of {CAM_NORMS}, got {cam_norm!r}")
+        self.model = model
+        self.name = name
+        self.cam_norm = cam_norm
+        self.bg_threshold = float(bg_threshold)
+        self.cls_weight = float(cls_weight)
+        inference = dict(inference or {})
+        self.scales: tuple[float, ...] = tuple(
+            float(s) for s in inference.get("scales", (0.5, 1.0, 1.5, 2.0))
+        )
+        self.flip: bool = bool(inference.get("flip", True))
+        self.resize_mode: str = str(inference.get("resize_mode", "bicubic"))
+        self.val_curve = CAMThresholdCurve(num_classes=self.num_classes, ignore_index=self.ignore_index)
+
+    # -- the network ----------------------------------------------------------------------------
+    @property
+    def background_first(self) -> bool:
+        return bool(getattr(self.model, "background_first", False))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(images)
+
+    def fg_logits(self, cam: torch.Tensor) -> torch.Tensor:
+        logits = gap_logits(cam)
+        return logits[:, 1:] if self.background_first else logits
+
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = self(batch["image"])
+        return {"cls": self.cls_weight * multilabel_soft_margin(self.fg_logits(out["cam"]), batch["labels"])}
+
+    def fg_cams(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw foreground CAMs (N, K, h, w) that inference aggregates (psa ``forward_cam``:
+        ReLU of the CAM)."""
+        cam = self(images)["cam"]
+        cam = cam[:, 1:] if self.background_first else cam
+        return F.relu(cam) if self.cam_norm == "max" else cam
+
+    # -- inference ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def multiscale_cams(
+        self,
+        image: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        scales: Sequence[float] | None = None,
+        flip: bool | None = None,
+    ) -> torch.Tensor:
+        """Normalised foreground CAMs (N, K, H, W) of ``image`` (N, 3, H, W): every scale x (flip),
+        upsampled to H x W (bilinear, align_corners=False), unflipped, label-masked, summed, normalised."""
+        scales = self.scales if scales is None else tuple(scales)
+        flip = self.flip if flip is None else flip
+        h, w = image.shape[-2:]
+        total = None
+        for s in scales:
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            x = (
+                image
+                if size == (h, w)
+                else F.interpolate(image, size, mode=self.resize_mode, align_corners=False)
+            )
+            views = [x, x.flip(-1)] if flip else [x]
+            for k, v in enumerate(views):
+                cam = F.interpolate(self.fg_cams(v), (h, w), mode="bilinear", align_corners=False)
+                if k == 1:
+                    cam = cam.flip(-1)
+                total = cam if total is None else total + cam
+        if labels is not None:
+            total = total * labels.to(total.dtype)[..., None, None]
+        return normalise_cams(total, self.cam_norm)
+
+    def single_scale_cams(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.multiscale_cams(images, labels, scales=(1.0,), flip=False)
+
+    def scores_from_cams(self, cams: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
+        t = self.bg_threshold if threshold is None else threshold
+        bg = torch.full_like(cams[:, :1], t)
+        return torch.cat([bg, cams], 1)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """``[bg_threshold, normalised single-scale CAMs]`` without image labels (all classes allowed)."""
+        return self.scores_from_cams(self.single_scale_cams(images))
+
+    # -- evaluation: CAM mIoU (labels from the batch when present) + threshold curve ---------------
+    def _eval_step(self, batch: dict[str, Any], cm) -> torch.Tensor:
+        cams = self.single_scale_cams(batch["image"], batch.get("labels"))
+        scores = self.scores_from_cams(cams)
+        if "mask" in batch:
+            cm.update(scores, batch["mask"])
+            if cm is self.val_cm:
+                self.val_curve.update(cams.float(), batch["mask"])
+        return scores
+
+    def on_validation_epoch_end(self) -> None:
+        result = self.val_curve.compute()
+        self.log("val/cam_best_mIoU", result["best_mIoU"], sync_dist=False)
+        self.log("val/cam_best_threshold", result["best_threshold"], sync_dist=False)
+        self.val_curve.reset()
+        super().on_validation_epoch_end()

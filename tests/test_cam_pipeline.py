@@ -1,0 +1,99 @@
+"""Image-level pipeline: dense CRF, random walk, CAM export cache and a resumed pipeline."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from segexp.postprocess.affinity import dense_affinity, pair_offsets
+from segexp.postprocess.crf import cam_crf_scores, crf_inference
+from segexp.postprocess.random_walk import random_walk
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def test_crf_improves_a_blurred_cam_on_a_synthetic_image():
+    import cv2
+
+    rng = np.random.default_rng(0)
+    gt = np.zeros((64, 64), bool)
+    gt[20:44, 16:40] = True
+    image = np.where(gt[..., None], [200, 40, 40], [30, 90, 160]).astype(np.float32)
+    image = np.clip(image + rng.normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    cam = cv2.GaussianBlur(gt.astype(np.float32), (0, 0), 6)
+    cam = cam / cam.max()
+    thr = 0.26
+    before = _iou(cam > thr, gt)
+    q = crf_inference(image, cam_crf_scores(cam[None], "constant", bg_threshold=thr))
+    after = _iou(q.argmax(0) == 1, gt)
+    assert after > before + 0.05 and after > 0.9
+
+
+def test_random_walk_spreads_a_seed_in_its_region_not_across_a_strong_edge():
+    h, w = 6, 6
+    feats = torch.zeros(1, h, w)
+    feats[:, :, 3:] = 10.0  # strong edge between columns 2 and 3
+    aff = dense_affinity(feats, radius=5)
+    assert torch.allclose(aff, aff.T) and torch.all(aff.diagonal() == 1)
+    scores = torch.zeros(2, h, w)
+    scores[0] = 0.02  # background everywhere
+    scores[1, 2, 0] = 1.0  # one seed in the left region
+    out = random_walk(scores, aff, beta=8, logt=6)
+    label = out.argmax(0)
+    assert torch.all(label[:, :3] == 1)  # the whole left region
+    assert torch.all(label[:, 3:] == 0)  # nothing across the edge
+    assert out[1, :, 3:].max() < 1e-6
+
+
+def test_pair_offsets_match_psa_radius_5():
+    offs = pair_offsets(5)
+    assert len(offs) == 34 and (0, 1) in offs and (4, 0) in offs and (4, 3) not in offs
+
+
+TINY = [
+    "data.prepare.num_images=24",
+    "data.prepare.size=48",
+    "data.image_size=48",
+    "data.batch_size=4",
+    "data.eval_batch_size=4",
+    "schedule.epochs=1",
+    "method.inference.scales=[1.0]",
+    "method.inference.flip=false",
+    "logger=csv",
+    "callbacks.progress_bar.refresh_rate=1000",
+    "trainer.enable_model_summary=false",
+]
+
+
+def test_pipeline_resumes_an_interrupted_stage(tmp_path, caplog):
+    from segexp.pipeline import run
+
+    overrides = ["+experiment=cam_shapes", f"paths.data_dir={tmp_path / 'data'}", *TINY]
+    out = tmp_path / "pipe"
+    first = run(overrides, str(out), stop_after="cam")
+    assert first["cam"]["computed"] == first["cam"]["images"] > 0
+    ckpt = out / "train" / "checkpoints" / "last.ckpt"
+    mtime = ckpt.stat().st_mtime_ns
+
+    # interrupt: half of the CAM entries lost, stage 1 marker gone (its last.ckpt survives)
+    entries = sorted((tmp_path / "data" / "stage_cache" / "cam").glob("*/entries/*.npz"))
+    for e in entries[::2]:
+        e.unlink()
+    (out / "train" / "done.json").unlink()
+    with caplog.at_level(logging.INFO, logger="segexp.pipeline"):
+        second = run(overrides, str(out), stop_after="cam")
+    assert any("resuming from" in r.message for r in caplog.records)
+    assert second["cam"]["computed"] == len(entries[::2])
+    assert second["cam"]["reused"] == len(entries) - len(entries[::2])
+    assert second["cam"]["best_mIoU"] == pytest.approx(first["cam"]["best_mIoU"], abs=1e-6)
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="segexp.pipeline"):
+        third = run(overrides, str(out), stop_after="cam")
+    assert any("is current: skipped" in r.message for r in caplog.records)
+    assert third["cam"]["computed"] == 0 and ckpt.stat().st_mtime_ns >= mtime

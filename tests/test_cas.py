@@ -1,0 +1,167 @@
+"""CAS loss: hand-computed values and gradients, permutation invariance, official parity, bounds;
+the CAS method trains on shapes_sod and beats a constant map."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segexp.losses.cas import CASLoss, cas_loss_official, cas_loss_paper
+
+
+def _probs_1x4(values):
+    """One image, 1x4 pixels, 2 channels: channel 1 = values, channel 0 = 1 - values."""
+    s1 = torch.tensor(values, dtype=torch.float64).view(1, 1, 1, 4)
+    return torch.cat([1 - s1, s1], dim=1)
+
+
+def test_paper_value_and_gradient_on_a_hand_computed_partition():
+    probs = _probs_1x4([0.9, 0.7, 0.2, 0.4]).requires_grad_(True)
+    regions = torch.tensor([[[1, 1, 0, 0]]])
+    loss = cas_loss_paper(probs, regions, alpha=0.5)
+    # FG mean (0.2, 0.8), BG mean (0.7, 0.3); every pixel is 0.1 off its mean in both channels:
+    # variance per region 2 * 0.01 = 0.02, uniformer 0.04; ||m_fg - m_bg||^2 = 2 * 0.25 = 0.5,
+    # counted for both ordered pairs -> 1.0.  L = 0.5 * 0.04 - 0.5 * 1.0 = -0.48.
+    assert loss.item() == pytest.approx(-0.48, abs=1e-12)
+    loss.backward()
+    # dL/ds_c(x), x in r: alpha * 2 (s_c - m_c) / |r| - (1 - alpha) * 4 (m_c - m'_c) / |r|
+    expected_c1 = torch.tensor([0.05 - 0.5, -0.05 - 0.5, -0.05 + 0.5, 0.05 + 0.5], dtype=torch.float64)
+    expected_c0 = torch.tensor([-0.05 + 0.5, 0.05 + 0.5, 0.05 - 0.5, -0.05 - 0.5], dtype=torch.float64)
+    torch.testing.assert_close(probs.grad[0, 1, 0], expected_c1)
+    torch.testing.assert_close(probs.grad[0, 0, 0], expected_c0)
+
+
+def test_paper_three_regions_and_invalid_pixels():
+    # 1x6 image, regions 0,0,1,1,2,2 with one-hot descriptors in 3 channels: zero variance, each of
+    # the 6 ordered pairs at distance 2 -> L = -0.5 * 12 = -6 (the lower bound for N = 3).
+    probs = torch.eye(3, dtype=torch.float64).repeat_interleave(2, 0).T.reshape(1, 3, 1, 6)
+    regions = torch.tensor([[[0, 0, 1, 1, 2, 2]]])
+    assert cas_loss_paper(probs, regions).item() == pytest.approx(-6.0)
+    # an invalid pixel joins no region: moving it anywhere does not change the loss
+    valid = torch.ones(1, 1, 6, dtype=torch.bool)
+    valid[0, 0, 5] = False
+    other = probs.clone()
+    other[0, :, 0, 5] = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    assert cas_loss_paper(other, regions, valid=valid).item() == pytest.approx(-6.0)
+
+
+def test_paper_invariant_to_permuting_region_labels():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randn(3, 4, 8, 8, generator=g).softmax(1)
+    regions = torch.randint(0, 3, (3, 8, 8), generator=g)
+    base = cas_loss_paper(probs, regions)
+    for perm in ([2, 0, 1], [1, 2, 0], [0, 2, 1]):
+        permuted = torch.tensor(perm)[regions]
+        torch.testing.assert_close(cas_loss_paper(probs, permuted), base)
+    torch.testing.assert_close(cas_loss_paper(probs, regions * 7 + 5), base)  # any label values
+    # binary saliency: swapping FG/BG gives the same loss (the low-fidelity property)
+    logits = torch.randn(2, 2, 8, 8, generator=g)
+    sal = (torch.rand(2, 8, 8, generator=g) > 0.5).float()
+    loss = CASLoss("paper")
+    torch.testing.assert_close(loss(logits, sal), loss(logits, 1 - sal))
+
+
+def _released_lss(gt, softmaxed_tensor, alpha=0.5, batch_size=40, eps=0.00003):
+    """``m_loss2.py : lss.forward`` of sofmonk/class_agnostic_loss_saliency, line by line."""
+    gt_comp = 1 - gt
+    gt = gt + eps
+    gt_comp = gt_comp + eps
+    multiply = softmaxed_tensor * gt
+    summ = torch.sum(multiply, dim=(2, 3))
+    num_pixels = torch.sum(gt, dim=(2, 3))
+    val = torch.div(summ, num_pixels)
+    multiply_comp = softmaxed_tensor * gt_comp
+    summ_comp = torch.sum(multiply_comp, dim=(2, 3))
+    num_pixels_comp = torch.sum(gt_comp, dim=(2, 3))
+    val_comp = torch.div(summ_comp, num_pixels_comp)
+    term_2 = torch.sum((val - val_comp) ** 2, dim=1)
+    u_a = (multiply - (gt * val[:, :, None, None])) ** 2
+    s = torch.sum(u_a, dim=(2, 3))
+    n = torch.sum(gt, dim=(2, 3))
+    n = n + eps
+    term_1 = torch.sum(torch.div(s, n), dim=1)
+    loss_batch = alpha * torch.sum(term_1) - (1 - alpha) * torch.sum(term_2)
+    return loss_batch / batch_size
+
+
+def test_official_equals_released_formula_on_a_worked_example():
+    probs = _probs_1x4([0.9, 0.7, 0.2, 0.4])
+    mask = torch.tensor([[[1, 1, 0, 0]]])
+    gt2 = mask[:, None].double().expand(-1, 2, -1, -1)  # train.py: both channels = the mask
+    ours = cas_loss_official(probs, mask)
+    assert ours.item() == pytest.approx(_released_lss(gt2, probs).item(), rel=1e-12)
+    # by hand (eps ignored): uniformer FG only 0.02, pair once 0.5 -> (0.01 - 0.25) / 40
+    assert ours.item() == pytest.approx((0.5 * 0.02 - 0.5 * 0.5) / 40, rel=1e-3)
+    # random batch
+    g = torch.Generator().manual_seed(1)
+    probs = torch.randn(5, 2, 6, 7, generator=g, dtype=torch.float64).softmax(1)
+    mask = (torch.rand(5, 6, 7, generator=g) > 0.6).long()
+    ref = _released_lss(mask[:, None].double().expand(-1, 2, -1, -1), probs)
+    torch.testing.assert_close(cas_loss_official(probs, mask), ref)
+    # not FG/BG symmetric (uniformer on the foreground only)
+    assert not torch.allclose(cas_loss_official(probs, mask), cas_loss_official(probs, 1 - mask))
+
+
+def test_boundedness():
+    g = torch.Generator().manual_seed(2)
+    loss = CASLoss("paper", alpha=0.5)
+    for scale in (0.1, 1.0, 10.0, 100.0):
+        logits = torch.randn(4, 2, 16, 16, generator=g) * scale
+        sal = (torch.rand(4, 16, 16, generator=g) > 0.5).float()
+        assert loss(logits, sal).item() >= -2.0 - 1e-6
+    # perfect separation reaches the bound -(1 - alpha) * 2 * N (N - 1) = -2
+    sal = torch.zeros(1, 8, 8)
+    sal[:, 2:6, 2:6] = 1
+    logits = torch.stack([-(sal * 2 - 1) * 50, (sal * 2 - 1) * 50], 1)
+    assert loss(logits, sal).item() == pytest.approx(-2.0, abs=1e-6)
+    assert cas_loss_official(logits.softmax(1), sal.long(), divisor=1).item() >= -1.0 - 1e-6
+
+
+def test_official_variant_rejects_multi_region_targets():
+    with pytest.raises(ValueError, match="binary"):
+        CASLoss("official")(torch.randn(1, 3, 4, 4), torch.randint(0, 3, (1, 4, 4)))
+    with pytest.raises(ValueError, match="variant"):
+        CASLoss("nope")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def constant_baseline(cfg) -> dict[str, float]:
+    """Best MAE and best S of constant maps (0, 0.5 and the training foreground fraction) on the
+    test split of the configured data: what a method must beat to have learnt anything."""
+    import hydra
+
+    from segexp.metrics.sod import SODMetrics
+
+    dm = hydra.utils.instantiate(cfg.data, train_keys=["image", "saliency"], eval_keys=["image", "saliency"])
+    dm.prepare_data()
+    train = dm.reader(split=dm.splits["train"], keys=["image", "saliency"])
+    test = dm.reader(split=dm.splits["test"], keys=["image", "saliency"])
+    fg = float(np.mean([(train[i]["saliency"] > 0.5).mean() for i in range(len(train))]))
+    gts = np.stack([test[i]["saliency"] > 0.5 for i in range(len(test))])
+    best = {"MAE": 1.0, "S": 0.0}
+    for c in (0.0, 0.5, fg):
+        metric = SODMetrics()
+        metric.update(np.full(gts.shape, c, np.float32), gts)
+        r = metric.compute()
+        best = {"MAE": min(best["MAE"], r["MAE"]), "S": max(best["S"], r["S"])}
+    return best
+
+
+def train_short(name: str, data_dir, out_dir, extra=()) -> tuple[dict, dict]:
+    from segexp.runner import train
+    from tests.conftest import SMALL_SYNTH, compose
+
+    cfg = compose([f"+experiment={name}", *SMALL_SYNTH, f"paths.data_dir={data_dir}", "data.num_workers=0",
+                   "data.batch_size=8", "data.eval_batch_size=8", "trainer.num_sanity_val_steps=0",
+                   "trainer.enable_model_summary=false", *extra], out_dir=out_dir)
+    return train(cfg), constant_baseline(cfg)
+
+
+@pytest.mark.slow
+def test_cas_trains_on_shapes_sod_and_beats_a_constant_map(data_dir, tmp_path):
+    metrics, const = train_short("cas_shapes_sod", data_dir, tmp_path, ["schedule.epochs=6"])
+    print("CAS", {k: metrics[f"test/{k}"] for k in ("MAE", "S")}, "constant", const)
+    assert metrics["test/MAE"] < const["MAE"]
+    assert metrics["test/S"] > const["S"]

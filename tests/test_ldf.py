@@ -1,0 +1,128 @@
+"""LDF: label decoupling on a worked mask, the stage cache, forward shapes, loss, schedule, ablation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from segexp.data import decouple as dec
+from segexp.losses.ldf import LDFLoss, iou_loss
+from segexp.methods.ldf import edge_band, triangular_factor
+from segexp.models.backbone import Backbone
+from segexp.models.ldf import LDFNet
+
+
+def _worked_mask() -> np.ndarray:
+    m = np.zeros((16, 16), np.uint8)
+    m[4:12, 3:13] = 255  # 8 x 10 rectangle
+    return m
+
+
+def test_released_decoupling_on_a_worked_mask():
+    mask = _worked_mask()
+    body, detail = dec.split_map_code(mask)
+    assert body.dtype == np.uint8 and detail.dtype == np.uint8
+    # 5x5 blur spreads the mask 2 px; the L2 distance of the blurred mask to its zeros along the
+    # middle row is 0 1 2 3 4 5 6 6 6 6 5 4 3 2 1 0, and body = floor(sqrt(d) / sqrt(6) * 255)
+    profile = [0, 104, 147, 180, 208, 232, 255, 255, 255, 255, 232, 208, 180, 147, 104, 0]
+    assert body[8].tolist() == profile
+    assert profile[1:7] == [math.floor(math.sqrt(d) / math.sqrt(6) * 255) for d in range(1, 7)]
+    # halo: body > 0 on the two rings outside the mask, where mask - body < 0 is clipped to 0
+    outside = mask == 0
+    assert body[2, 1] == 104 and body[3, 2] == 147 and mask[2, 1] == 0 and mask[3, 2] == 0
+    assert (body[outside] > 0).sum() > 0 and (detail[outside] == 0).all()
+    # inside, detail = 255 - body; the first interior pixel already has body 180 (sqrt profile)
+    inside = mask > 0
+    np.testing.assert_array_equal(detail[inside], 255 - body[inside])
+    assert body[8, 3] == 180 and detail[8, 3] == 75 and detail[8, 7] == 0
+    # float / bool masks give the same maps
+    b2, d2 = dec.split_map_code(mask > 0)
+    np.testing.assert_array_equal(b2, body)
+    np.testing.assert_array_equal(d2, detail)
+
+
+def test_paper_decoupling_has_no_halo_and_a_linear_profile():
+    mask = _worked_mask()
+    body, detail = dec.split_map_paper(mask)
+    assert (body[mask == 0] == 0).all()
+    assert body[8].tolist()[3:7] == [63, 127, 191, 255]  # distance 1..4, linear
+    np.testing.assert_array_equal(detail.astype(int) + body, mask.astype(int))
+    band = dec.edge_map(mask)
+    assert band[8].tolist() == [0, 0, 255, 255, 0, 0, 0, 0, 0, 0, 0, 0, 255, 255, 0, 0]
+    t = torch.from_numpy(mask > 0).float()[None, None]
+    np.testing.assert_array_equal(edge_band(t)[0, 0].numpy() * 255, band)
+
+
+def test_pack_roundtrip_and_stage_cache(tmp_path, monkeypatch):
+    body, detail = dec.split_map_code(_worked_mask())
+    b, d = dec.unpack(torch.from_numpy(dec.pack(body, detail))[None])
+    np.testing.assert_allclose(b[0].numpy() * 255, body, atol=1e-4)
+    np.testing.assert_allclose(d[0].numpy() * 255, detail, atol=1e-4)
+
+    class Reader(torch.utils.data.Dataset):
+        name = "worked"
+        stems = ["a"]
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"image": np.zeros((16, 16, 3), np.uint8), "saliency": _worked_mask() / 255.0,
+                    "meta": {"id": "a"}}
+
+    first = dec.LDFLabels(Reader(), source="code", cache_dir=tmp_path)[0]
+    assert dec.PACK_KEY in first
+    monkeypatch.setattr(dec, "decouple", lambda *a, **k: pytest.fail("cache miss"))
+    again = dec.LDFLabels(Reader(), source="code", cache_dir=tmp_path)[0]  # served from the cache
+    np.testing.assert_array_equal(again[dec.PACK_KEY], first[dec.PACK_KEY])
+    # another decoupling is another cache directory
+    assert dec.LDFLabels(Reader(), source="paper", cache_dir=tmp_path).cache.dir != \
+        dec.LDFLabels(Reader(), source="code", cache_dir=tmp_path).cache.dir
+    with pytest.raises(ValueError, match="coarse_ckpt"):
+        dec.LDFLabels(Reader(), source="coarse", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("size", [64, 72])
+def test_forward_shapes(size):
+    net = LDFNet(Backbone("resnet18", out_indices=[1, 2, 3, 4]), channels=16)
+    outs = net(torch.randn(2, 3, size, size))
+    assert len(outs) == 6
+    assert all(o.shape == (2, 1, size, size) for o in outs)
+    assert net(torch.randn(1, 3, size, size), shape=(40, 50))[-1].shape == (1, 1, 40, 50)
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    assert frozen == {"backbone.body.conv1.weight", "backbone.body.bn1.weight", "backbone.body.bn1.bias"}
+
+
+def test_loss_terms_and_iou():
+    logits = torch.tensor([[[[2.0, -1.0], [0.5, -3.0]]]])
+    target = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum()
+    expected = 1 - (inter + 1) / ((p + target).sum() - inter + 1)  # train.py: iou_loss
+    assert iou_loss(logits, target).item() == pytest.approx(expected.item())
+    outs = [torch.randn(2, 1, 8, 8) for _ in range(6)]
+    tgt = {k: torch.rand(2, 1, 8, 8) for k in ("branch1", "branch2", "saliency")}
+    terms = LDFLoss()(outs, tgt)
+    assert set(terms) == {"body", "detail", "sal_bce", "sal_iou"}
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    want = 0.5 * (bce(outs[0], tgt["branch1"]) + bce(outs[3], tgt["branch1"]))
+    assert terms["body"].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_triangular_schedule():
+    assert [round(triangular_factor(e, 3), 3) for e in range(3)] == [0.5, 1.0, 0.5]
+    f = [triangular_factor(e, 48) for e in range(48)]
+    assert max(f) == pytest.approx(1 - 1 / 49) and f[0] == pytest.approx(2 / 49)
+
+
+@pytest.mark.slow
+def test_ldf_trains_on_shapes_sod_and_beats_a_constant_map(data_dir, tmp_path):
+    from tests.test_cas import train_short
+
+    metrics, const = train_short("ldf_shapes_sod", data_dir, tmp_path, ["schedule.epochs=6"])
+    print("LDF", {k: metrics[f"test/{k}"] for k in ("MAE", "S")}, "constant", const)
+    assert metrics["test/MAE"] < const["MAE"]
+    assert metrics["test/S"] > const["S"]
