@@ -155,7 +155,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
     # Lightning names test-loop metrics test/*; they are renamed after the split actually evaluated.
     trainer.test(method, dataloaders=loader, ckpt_path=str(ckpt))
-    metrics = {f"{split}/{k[len('test/'):]}": v for k, v in _scalars(trainer.callback_metrics, "test/").items()}
+    tested = _scalars(trainer.callback_metrics, "test/")
+    metrics = {f"{split}/{k[len('test/'):]}": v for k, v in tested.items()}
     if trainer.is_global_zero:
         write_json(out / "metrics.json", metrics)
         result = {

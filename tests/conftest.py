@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,20 @@ CONF_DIR = REPO / "conf"
 
 # Small synthetic set used by the end-to-end tests (the generator writes the real formats).
 SMALL_SYNTH = ["data.prepare.num_images=48", "data.prepare.size=64", "data.image_size=64"]
+
+
+# The default experiment on the small set, as the end-to-end tests run it.
+CLI_BASE = ["+experiment=supervised_shapes", *SMALL_SYNTH, "data.batch_size=8", "data.num_workers=0"]
+
+
+def assert_ok(proc) -> None:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="session")

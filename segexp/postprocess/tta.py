@@ -8,7 +8,7 @@ zero-padded (the padded region is cut away again).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
