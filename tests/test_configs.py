@@ -155,3 +155,18 @@ def test_slurm_and_local_submitit_launchers_compose():
         )
     assert "SlurmLauncher" in slurm.hydra.launcher._target_
     assert slurm.hydra.launcher.partition == "gpu"
+
+
+def test_resume_in_place_targets_the_checkpoints_run_dir(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.touch()
+    out = normalize_overrides([f"ckpt_path={ckpt}"], resume_in_place=True)
+    assert out == [f"ckpt_path={ckpt}", f"hydra.run.dir={run}"]
+    # an explicit run dir, a multirun, or evaluation never get redirected
+    explicit = normalize_overrides([f"ckpt_path={ckpt}", "hydra.run.dir=x"], resume_in_place=True)
+    assert explicit[-1] == "hydra.run.dir=x"
+    assert not any("hydra.run.dir" in a for a in normalize_overrides(["-m", f"ckpt_path={ckpt}"], True))
+    assert normalize_overrides([f"ckpt_path={ckpt}"]) == [f"ckpt_path={ckpt}"]
