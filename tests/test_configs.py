@@ -170,3 +170,24 @@ def test_resume_in_place_targets_the_checkpoints_run_dir(tmp_path):
     assert explicit[-1] == "hydra.run.dir=x"
     assert not any("hydra.run.dir" in a for a in normalize_overrides(["-m", f"ckpt_path={ckpt}"], True))
     assert normalize_overrides([f"ckpt_path={ckpt}"]) == [f"ckpt_path={ckpt}"]
+
+
+def test_sod_bench_gives_one_test_loader_per_benchmark_set(tmp_path):
+    """data=sod_bench: one evaluation over several SOD test sets, each its own dataloader."""
+    import hydra
+    import numpy as np
+
+    from segexp.data.io import write_gray_png, write_jpeg
+
+    cfg = compose(["data=sod_bench", f"paths.data_dir={tmp_path}", "data.num_workers=0",
+                   "data.eval_batch_size=2"], out_dir=tmp_path)
+    for name, node in cfg.data.test_sets.items():
+        for k in range(3 if name == "SOD" else 2):
+            write_jpeg(Path(node.root) / node.image_dir / f"im{k}.jpg", np.full((20, 24, 3), 90, np.uint8))
+            write_gray_png(Path(node.root) / node.mask_dir / f"im{k}.png", np.full((20, 24), 255, np.uint8))
+    dm = hydra.utils.instantiate(cfg.data, train_keys=["image", "saliency"], eval_keys=["image", "saliency"])
+    loaders = dm.test_dataloader()
+    assert dm.test_set_names == list(cfg.data.test_sets)
+    assert len(loaders) == 6
+    assert [len(loader.dataset) for loader in loaders] == [3 if n == "SOD" else 2 for n in dm.test_set_names]
+    assert next(iter(loaders[0]))["saliency"].shape == (2, 20, 24)

@@ -64,6 +64,7 @@ class SegDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         train_wrappers: Sequence[Callable[[Dataset], Dataset]] = (),
         eval_wrappers: Sequence[Callable[[Dataset], Dataset]] = (),
+        test_sets: Mapping[str, Callable[..., Dataset]] | None = None,
     ):
         super().__init__()
         if len(class_names) != num_classes:
@@ -85,6 +86,10 @@ class SegDataModule(pl.LightningDataModule):
         self.train_keys = tuple(train_keys)
         self.eval_keys = tuple(eval_keys)
         self.wrappers = {"train": list(train_wrappers), "eval": list(eval_wrappers)}
+        # Several test sets in one evaluation (e.g. the six SOD benchmarks): name -> reader partial,
+        # each called without a split; one test dataloader per set, in this order.
+        self.test_sets = dict(test_sets or {})
+        self.test_set_names = list(self.test_sets)
         self._check_keys()
         self.train_transform = SampleTransform(transforms.get("train", ()), ignore_index=ignore_index)
         self.eval_transform = SampleTransform(transforms.get("eval", ()), ignore_index=ignore_index)
@@ -123,26 +128,38 @@ class SegDataModule(pl.LightningDataModule):
             None: ("train", "val", "test"),
         }[stage]
         for role in wanted:
+            if role == "test" and self.test_sets:
+                for name in self.test_set_names:
+                    if f"test/{name}" not in self.datasets:
+                        self.datasets[f"test/{name}"] = self.build_dataset("test", self.test_sets[name])
+                continue
             if role in self.datasets or role not in self.splits:
                 continue
             self.datasets[role] = self.build_dataset(role)
 
-    def build_dataset(self, role: str) -> TransformedDataset:
+    def build_dataset(
+        self, role: str, reader_factory: Callable[..., Dataset] | None = None
+    ) -> TransformedDataset:
         keys = self.train_keys if role == "train" else self.eval_keys
         wrappers = self.wrappers["train" if role == "train" else "eval"]
         added = {k for w in wrappers for k in getattr(_reader_class(w), "adds", ())}
-        reader = self.reader(split=self.splits[role], keys=[k for k in keys if k not in added])
+        keys = [k for k in keys if k not in added]
+        if reader_factory is not None:
+            reader = reader_factory(keys=keys)  # a test set's reader names its own folders
+        else:
+            reader = self.reader(split=self.splits[role], keys=keys)
         for wrap in wrappers:  # e.g. label noise (CAS), pseudo labels from a cached stage (Box2Seg, WSSS)
             reader = wrap(reader)
+        where = getattr(reader, "name", None) if reader_factory is not None else self.splits[role]
         if len(reader) == 0:
-            raise ValueError(f"data '{self.name}': split '{self.splits[role]}' ({role}) has no images")
+            raise ValueError(f"data '{self.name}': split '{where}' ({role}) has no images")
         transform = self.train_transform if role == "train" else self.eval_transform
-        log.info("data %s: %s split '%s' has %d images", self.name, role, self.splits[role], len(reader))
+        log.info("data %s: %s split '%s' has %d images", self.name, role, where, len(reader))
         return TransformedDataset(reader, transform)
 
     def _loader(self, role: str, shuffle: bool) -> DataLoader:
         if role not in self.datasets:
-            self.setup({"train": "fit", "val": "fit", "test": "test"}[role])
+            self.setup({"train": "fit", "val": "fit", "test": "test"}.get(role, "test"))
         batch_size = self.batch_size if role == "train" else self.eval_batch_size
         return DataLoader(
             self.datasets[role],
@@ -161,5 +178,7 @@ class SegDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        if self.test_sets:
+            return [self._loader(f"test/{name}", shuffle=False) for name in self.test_set_names]
         return self._loader("test", shuffle=False)

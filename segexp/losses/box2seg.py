@@ -224,7 +224,8 @@ class Box2SegLoss(nn.Module):
     Terms: ``gc`` (L_GC), ``fg`` (L_fg), ``bg`` (L_bg), ``fr`` (L_fr), ``aff`` (L_A, main phase) and
     ``pretrain`` (the embedding-pretraining L_A with the GrabCut one-hot targets). Defaults (the
     paper's values are unknown; see ``conf/loss/box2seg.yaml`` for the reasoning): every weight 1
-    except ``aff`` 0.1, gamma 0.8, stride 8, 1024 sampled pixels, cosine clamped at 0.
+    except ``fr`` 10 (below that the attention collapsed to 0 on shapes) and ``aff`` 0.1; gamma 0.8,
+    stride 8, 1024 sampled pixels, cosine clamped at 0.
     """
 
     TERMS = ("gc", "fg", "bg", "fr", "aff", "pretrain")
@@ -238,7 +239,7 @@ class Box2SegLoss(nn.Module):
         affinity: Mapping[str, Any] | None = None,
     ):
         super().__init__()
-        w = {"gc": 1.0, "fg": 1.0, "bg": 1.0, "fr": 1.0, "aff": 0.1, "pretrain": 1.0}
+        w = {"gc": 1.0, "fg": 1.0, "bg": 1.0, "fr": 10.0, "aff": 0.1, "pretrain": 1.0}
         unknown = set(weights or {}) - set(w) | set(enabled or {}) - set(w)
         if unknown:
             raise KeyError(f"unknown Box2Seg loss terms {sorted(unknown)}; terms are {list(self.TERMS)}")
