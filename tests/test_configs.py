@@ -95,6 +95,30 @@ def _duts_fixture_from_synthetic(data_dir: Path) -> Path:
     return dst
 
 
+def _coco_fixture_from_synthetic(data_dir: Path) -> Path:
+    """A COCO 2017 tree (train2017/, val2017/, annotations/instances_*2017.json) from the
+    generator's COCO output, with COCO's 80 categories (ids 1..90 with the official gaps); the
+    generator's category ids 1..5 then stand for the first five COCO classes."""
+    import json
+
+    from segexp.data.synth import ensure_synthetic
+
+    coco_ids = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+    names = compose(["data=coco"]).data.class_names[1:]
+
+    synth = ensure_synthetic(data_dir / "voc_src", num_images=12, size=64, seed=3)
+    dst = data_dir / "cocofix"
+    coco = dst / "coco"
+    if not coco.exists():
+        for split in ("train", "val"):
+            shutil.copytree(synth / "coco" / split, coco / f"{split}2017")
+            (coco / "annotations").mkdir(parents=True, exist_ok=True)
+            ann = json.loads((synth / "coco" / "annotations" / f"instances_{split}.json").read_text())
+            ann["categories"] = [{"id": i, "name": n, "supercategory": "x"} for i, n in zip(coco_ids, names)]
+            (coco / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(ann))
+    return dst
+
+
 def _coarse_checkpoint(name: str, overrides: list[str], tmp_path: Path) -> list[str]:
     """`*_fine` experiments (LDF second stage) need a coarse checkpoint: an untrained one will do."""
     import hydra
@@ -115,6 +139,8 @@ def test_experiment_runs_fast_dev_run(name, data_dir, tmp_path):
         overrides += SMALL_SYNTH
     elif "duts" in name:  # salient-object experiments: a DUTS-layout fixture
         overrides += [f"paths.data_dir={_duts_fixture_from_synthetic(data_dir)}", "data.image_size=64"]
+    elif "coco" in name:
+        overrides += [f"paths.data_dir={_coco_fixture_from_synthetic(data_dir)}", "data.image_size=64"]
     else:
         overrides += [f"paths.data_dir={_voc_fixture_from_synthetic(data_dir)}", "data.image_size=64"]
     if name.endswith("_fine"):
