@@ -24,27 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from segexp.data.cache import StageCache, file_key, stable_hash
+from segexp.data.cache import file_key, stable_hash
 from segexp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from segexp.postprocess.stage import CachedStage, image_inputs_key, reader_root
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CAMStage", "load_method", "image_tensor", "reader_root", "image_inputs_key", "iou_report"]
-
-
-def reader_root(reader: Any) -> str:
-    root = getattr(reader, "root", None)
-    return str(Path(root).resolve()) if root is not None else type(reader).__name__
-
-
-def image_inputs_key(reader: Any, index: int) -> str:
-    """Key of the files an item's CAM depends on: the image and (labels from masks) the GT mask."""
-    image_id = reader.ids[index]
-    files = [reader.image_path(image_id)]
-    mask_path = getattr(reader, "mask_path", None)
-    if mask_path is not None and Path(mask_path(image_id)).is_file():
-        files.append(mask_path(image_id))
-    return file_key(*files)
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
@@ -102,7 +88,7 @@ def cams_to_label(cams: np.ndarray, threshold: float) -> np.ndarray:
     return scores.argmax(0).astype(np.uint8)
 
 
-class CAMStage:
+class CAMStage(CachedStage):
     """Multi-scale x flip CAMs of ``method`` (config) with weights ``ckpt_path``, cached per image.
 
     Args:
@@ -167,21 +153,6 @@ class CAMStage:
             "scales": list(self.scales),
             "flip": self.flip,
         }
-
-    def cache_for(self, reader: Any) -> StageCache:
-        return StageCache(
-            self.cache_dir,
-            self.name,
-            {**self.settings(), "dataset": reader_root(reader)},
-            version=self.version,
-        )
-
-    def keys(self, reader: Any) -> dict[str, str]:
-        return {reader.ids[i]: image_inputs_key(reader, i) for i in range(len(reader))}
-
-    def missing(self, reader: Any, rank: int = 0, world_size: int = 1) -> list[str]:
-        keys = self.keys(reader)
-        return self.cache_for(reader).missing(keys, keys, rank=rank, world_size=world_size)
 
     @property
     def method(self):

@@ -24,13 +24,8 @@ from typing import Any
 import numpy as np
 
 from segexp.data.cache import StageCache
-from segexp.postprocess.cam_export import (
-    CAMStage,
-    confusion,
-    image_inputs_key,
-    iou_report,
-    reader_root,
-)
+from segexp.postprocess.cam_export import CAMStage, confusion, iou_report
+from segexp.postprocess.stage import CachedStage, image_inputs_key
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +102,7 @@ def _process(job: tuple[int, str, bool, bool]) -> dict[str, Any]:
     return out
 
 
-class CRFStage:
+class CRFStage(CachedStage):
     """CAMs of ``cam_stage`` -> dense-CRF label maps (uint8, 0 = background), cached and scored."""
 
     def __init__(
@@ -154,21 +149,6 @@ class CRFStage:
             "bg_threshold": self.bg_threshold,
             **self.crf,
         }
-
-    def cache_for(self, reader: Any) -> StageCache:
-        return StageCache(
-            self.cache_dir,
-            self.name,
-            {**self.settings(), "dataset": reader_root(reader)},
-            version=self.version,
-        )
-
-    def keys(self, reader: Any) -> dict[str, str]:
-        return {reader.ids[i]: image_inputs_key(reader, i) for i in range(len(reader))}
-
-    def missing(self, reader: Any, rank: int = 0, world_size: int = 1) -> list[str]:
-        keys = self.keys(reader)
-        return self.cache_for(reader).missing(keys, keys, rank=rank, world_size=world_size)
 
     def refine(self, image: np.ndarray, cam_entry: Mapping[str, np.ndarray]) -> np.ndarray:
         cams = cam_entry["cams"].astype(np.float32)

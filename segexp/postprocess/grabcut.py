@@ -46,6 +46,7 @@ import cv2
 import numpy as np
 
 from segexp.data.cache import StageCache, content_key, file_key, stable_hash
+from segexp.postprocess.stage import CachedStage
 
 log = logging.getLogger(__name__)
 
@@ -173,11 +174,6 @@ def grabcut_image(
 # ---------------------------------------------------------------------------------------------
 
 
-def _reader_root(reader: Any) -> str:
-    root = getattr(reader, "root", None)
-    return str(Path(root).resolve()) if root is not None else type(reader).__name__
-
-
 def _stage_reader(reader: Any) -> Any:
     """A shallow copy of ``reader`` that loads the image, the boxes and (if it has them) the GT mask."""
     out = copy.copy(reader)
@@ -259,12 +255,14 @@ def _iou_report(cm: np.ndarray, class_names: Sequence[str] | None) -> dict[str, 
     }
 
 
-class GrabCutStage:
+class GrabCutStage(CachedStage):
     """Box -> mask stage: ``run(reader)`` fills the cache for a split; ``get(reader, i)`` reads one mask.
 
     Settings that change the masks are part of the cache key (and of ``settings.json`` beside the
     entries); ``workers``, ``progress`` and ``cache_dir`` are not.
     """
+
+    inputs_key = staticmethod(inputs_key)  # image + box annotation files
 
     def __init__(
         self,
@@ -324,18 +322,6 @@ class GrabCutStage:
         )
 
     # -- a split -----------------------------------------------------------------------------
-    def cache_for(self, reader: Any) -> StageCache:
-        """The cache of this stage's settings for the dataset ``reader`` reads (its root is hashed in)."""
-        settings = {**self.settings(), "dataset": _reader_root(reader)}
-        return StageCache(self.cache_dir, self.name, settings, version=self.version)
-
-    def keys(self, reader: Any) -> dict[str, str]:
-        return {reader.ids[i]: inputs_key(reader, i) for i in range(len(reader))}
-
-    def missing(self, reader: Any, rank: int = 0, world_size: int = 1) -> list[str]:
-        keys = self.keys(reader)
-        return self.cache_for(reader).missing(keys, keys, rank=rank, world_size=world_size)
-
     def run(
         self,
         reader: Any,

@@ -1,0 +1,53 @@
+"""What every cached per-image stage (GrabCut, CAM export, CRF, ...) shares.
+
+A stage's cache directory is keyed by its settings and the dataset root; each item by the files it
+is computed from. ``missing`` lists this rank's share of items whose entry is absent or stale, so
+DDP ranks and parallel workers fill disjoint parts and an interrupted run redoes only the rest.
+A stage sets ``name``, ``cache_dir`` and ``version`` and implements ``settings()``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from segexp.data.cache import StageCache, file_key
+
+
+def reader_root(reader: Any) -> str:
+    root = getattr(reader, "root", None)
+    return str(Path(root).resolve()) if root is not None else type(reader).__name__
+
+
+def image_inputs_key(reader: Any, index: int) -> str:
+    """Key of the files an item depends on: the image and, where the reader has one, the GT mask."""
+    image_id = reader.ids[index]
+    files = [reader.image_path(image_id)]
+    mask_path = getattr(reader, "mask_path", None)
+    if mask_path is not None and Path(mask_path(image_id)).is_file():
+        files.append(mask_path(image_id))
+    return file_key(*files)
+
+
+class CachedStage:
+    name: str
+    cache_dir: Any
+    version: int = 1
+
+    def settings(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inputs_key(self, reader: Any, index: int) -> str:
+        return image_inputs_key(reader, index)
+
+    def cache_for(self, reader: Any) -> StageCache:
+        """The cache of this stage's settings for the dataset ``reader`` reads (its root is hashed in)."""
+        settings = {**self.settings(), "dataset": reader_root(reader)}
+        return StageCache(self.cache_dir, self.name, settings, version=self.version)
+
+    def keys(self, reader: Any) -> dict[str, str]:
+        return {reader.ids[i]: self.inputs_key(reader, i) for i in range(len(reader))}
+
+    def missing(self, reader: Any, rank: int = 0, world_size: int = 1) -> list[str]:
+        keys = self.keys(reader)
+        return self.cache_for(reader).missing(keys, keys, rank=rank, world_size=world_size)
