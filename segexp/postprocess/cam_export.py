@@ -26,7 +26,7 @@ import torch
 
 from segexp.data.cache import file_key, stable_hash
 from segexp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from segexp.postprocess.stage import CachedStage, image_inputs_key, reader_root
+from segexp.postprocess.stage import CachedStage, image_inputs_key, iou_report, reader_root
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +50,6 @@ def load_method(method_cfg: Mapping[str, Any], ckpt_path: str | os.PathLike, dev
     state = state.get("state_dict", state)
     method.load_state_dict(state, strict=True)
     return method.to(device).eval()
-
-
-def iou_report(cm: np.ndarray, class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    cm = cm.astype(np.float64)
-    tp = np.diag(cm)
-    union = cm.sum(0) + cm.sum(1) - tp
-    present = union > 0
-    iou = np.where(present, tp / np.maximum(union, 1), np.nan)
-    names = list(class_names) if class_names is not None else [str(i) for i in range(len(iou))]
-    return {
-        "mIoU": float(np.nanmean(iou)) if present.any() else float("nan"),
-        "pixel_acc": float(tp.sum() / max(cm.sum(), 1)),
-        "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou)},
-    }
-
-
-def confusion(pred: np.ndarray, gt: np.ndarray, n: int) -> np.ndarray:
-    valid = gt < n
-    return np.bincount(
-        gt[valid].astype(np.int64) * n + pred[valid].astype(np.int64), minlength=n * n
-    ).reshape(n, n)
 
 
 def dense_cams(entry: Mapping[str, np.ndarray], num_fg: int) -> np.ndarray:

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from segexp.data.cache import StageCache
-from segexp.postprocess.cam_export import CAMStage, confusion, iou_report
-from segexp.postprocess.stage import CachedStage, image_inputs_key
+from segexp.postprocess.cam_export import CAMStage
+from segexp.postprocess.stage import CachedStage, confusion, image_inputs_key, iou_report
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ import cv2
 import numpy as np
 
 from segexp.data.cache import StageCache, content_key, file_key, stable_hash
-from segexp.postprocess.stage import CachedStage
+from segexp.postprocess.stage import CachedStage, confusion, iou_report
 
 log = logging.getLogger(__name__)
 
@@ -208,11 +208,6 @@ def _init_worker(stage: GrabCutStage, reader: Any, cache: StageCache, evaluate: 
     _WORKER.update(stage=stage, reader=reader, cache=cache, evaluate=evaluate)
 
 
-def _confusion(pred: np.ndarray, gt: np.ndarray, n: int) -> np.ndarray:
-    valid = gt < n
-    return np.bincount(gt[valid].astype(np.int64) * n + pred[valid], minlength=n * n).reshape(n, n)
-
-
 def _process(job: tuple[int, str, bool]) -> dict[str, Any]:
     """Compute (or, when ``compute`` is False, read) the mask of one item; score it if GT exists."""
     index, key, compute = job
@@ -236,23 +231,9 @@ def _process(job: tuple[int, str, bool]) -> dict[str, Any]:
             n = int(getattr(reader, "num_classes", max(int(mask.max()), 1) + 1))
             boxes, labels = stage.select_boxes(sample)
             gt = np.asarray(sample["mask"])
-            result["cm"] = _confusion(np.where(mask == IGNORE, 0, mask), gt, n)  # ignore counts as background
-            result["cm_rect"] = _confusion(fill_boxes(boxes, labels, gt.shape, stage.overlap), gt, n)
+            result["cm"] = confusion(np.where(mask == IGNORE, 0, mask), gt, n)  # ignore counts as background
+            result["cm_rect"] = confusion(fill_boxes(boxes, labels, gt.shape, stage.overlap), gt, n)
     return result
-
-
-def _iou_report(cm: np.ndarray, class_names: Sequence[str] | None) -> dict[str, Any]:
-    cm = cm.astype(np.float64)
-    tp = np.diag(cm)
-    union = cm.sum(0) + cm.sum(1) - tp
-    present = union > 0
-    iou = np.where(present, tp / np.maximum(union, 1), np.nan)
-    names = list(class_names) if class_names is not None else [str(i) for i in range(len(iou))]
-    return {
-        "mIoU": float(np.nanmean(iou)) if present.any() else float("nan"),
-        "pixel_acc": float(tp.sum() / max(cm.sum(), 1)),
-        "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou)},
-    }
 
 
 class GrabCutStage(CachedStage):
@@ -368,8 +349,8 @@ class GrabCutStage(CachedStage):
         if cms:
             names = getattr(reader, "class_names", None)
             report["scored_images"] = len(cms)
-            report["pseudo"] = _iou_report(sum(cms), names)
-            report["box_rect"] = _iou_report(sum(r["cm_rect"] for r in results if "cm_rect" in r), names)
+            report["pseudo"] = iou_report(sum(cms), names)
+            report["box_rect"] = iou_report(sum(r["cm_rect"] for r in results if "cm_rect" in r), names)
             log.info("%s: pseudo-label mIoU %.4f vs GT (filled boxes: %.4f) over %d images", desc,
                      report["pseudo"]["mIoU"], report["box_rect"]["mIoU"], len(cms))
         return report

@@ -8,8 +8,11 @@ A stage sets ``name``, ``cache_dir`` and ``version`` and implements ``settings()
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from segexp.data.cache import StageCache, file_key
 
@@ -27,6 +30,30 @@ def image_inputs_key(reader: Any, index: int) -> str:
     if mask_path is not None and Path(mask_path(image_id)).is_file():
         files.append(mask_path(image_id))
     return file_key(*files)
+
+
+def confusion(pred: np.ndarray, gt: np.ndarray, n: int) -> np.ndarray:
+    """n x n counts (row = GT) of one label map; GT values >= n (255 = ignore) are skipped."""
+    valid = gt < n
+    return np.bincount(
+        gt[valid].astype(np.int64) * n + pred[valid].astype(np.int64), minlength=n * n
+    ).reshape(n, n)
+
+
+def iou_report(cm: np.ndarray, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """JSON-friendly mIoU / pixel accuracy / per-class IoU of a stage's pseudo labels (VOC protocol:
+    classes with neither GT nor prediction are left out)."""
+    cm = cm.astype(np.float64)
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    present = union > 0
+    iou = np.where(present, tp / np.maximum(union, 1), np.nan)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(len(iou))]
+    return {
+        "mIoU": float(np.nanmean(iou)) if present.any() else float("nan"),
+        "pixel_acc": float(tp.sum() / max(cm.sum(), 1)),
+        "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou)},
+    }
 
 
 class CachedStage:
