@@ -26,7 +26,7 @@ from timm.layers import ConvNormAct
 from torch import nn
 
 from segexp.models.backbone import Backbone
-from segexp.models.deeplab import DeepLabV3PlusHead, default_aspp_rates
+from segexp.models.deeplab import DeepLabV3PlusHead, head_for_backbone, low_level_index
 
 __all__ = ["Box2SegNet"]
 
@@ -61,28 +61,16 @@ class Box2SegNet(nn.Module):
         dropout: float = 0.1,
     ):
         super().__init__()
-        reductions = list(backbone.reductions)
-        if low_level_reduction not in reductions[:-1]:
-            raise ValueError(
-                f"backbone has no feature at stride {low_level_reduction} (reductions {reductions})"
-            )
         self.backbone = backbone
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.shared_decoder = shared_decoder
-        self.low_index = reductions.index(low_level_reduction)
-        rates = tuple(aspp_rates) if aspp_rates is not None else default_aspp_rates(reductions[-1])
+        self.low_index = low_level_index(backbone, low_level_reduction)
 
         def decoder(n_out: int) -> DeepLabV3PlusHead:
-            return DeepLabV3PlusHead(
-                in_channels_high=backbone.out_channels[-1],
-                in_channels_low=backbone.out_channels[self.low_index],
-                num_classes=n_out,
-                aspp_channels=aspp_channels,
-                low_channels=low_channels,
-                decoder_channels=decoder_channels,
-                dropout=dropout,
-                rates=rates,
+            return head_for_backbone(
+                backbone, n_out, low_level_reduction, aspp_rates, aspp_channels=aspp_channels,
+                low_channels=low_channels, decoder_channels=decoder_channels, dropout=dropout,
             )
 
         self.seg_head = decoder(num_classes)

@@ -106,6 +106,37 @@ class DeepLabV3PlusHead(nn.Module):
         return self.classifier(self.drop(self.decode(high, low)))
 
 
+def low_level_index(backbone: Backbone, low_level_reduction: int) -> int:
+    """Index of the backbone output used as the decoder's skip (first at that stride, not the last)."""
+    reductions = list(backbone.reductions)
+    if low_level_reduction not in reductions[:-1]:
+        raise ValueError(
+            f"backbone {backbone.name!r} has no feature at stride {low_level_reduction} before its last "
+            f"output (reductions {reductions}); set low_level_reduction or out_indices"
+        )
+    return reductions.index(low_level_reduction)
+
+
+def head_for_backbone(
+    backbone: Backbone,
+    num_classes: int,
+    low_level_reduction: int = 4,
+    aspp_rates: Sequence[int] | None = None,
+    **head_kwargs,
+) -> DeepLabV3PlusHead:
+    """A DeepLabV3+ head sized for ``backbone``: its channels, its skip stride, ASPP rates scaled to
+    its output stride unless given. Methods with several heads on one backbone call this per head."""
+    low = low_level_index(backbone, low_level_reduction)
+    rates = tuple(aspp_rates) if aspp_rates is not None else default_aspp_rates(backbone.reductions[-1])
+    return DeepLabV3PlusHead(
+        in_channels_high=backbone.out_channels[-1],
+        in_channels_low=backbone.out_channels[low],
+        num_classes=num_classes,
+        rates=rates,
+        **head_kwargs,
+    )
+
+
 class DeepLabV3Plus(nn.Module):
     """`Backbone` + `DeepLabV3PlusHead` + bilinear upsampling of the logits to the input size.
 
@@ -129,24 +160,17 @@ class DeepLabV3Plus(nn.Module):
         act_layer: str = "relu",
     ):
         super().__init__()
-        reductions = list(backbone.reductions)
-        if low_level_reduction not in reductions[:-1]:
-            raise ValueError(
-                f"backbone {backbone.name!r} has no feature at stride {low_level_reduction} before its last "
-                f"output (reductions {reductions}); set low_level_reduction or out_indices"
-            )
         self.backbone = backbone
-        self.low_index = reductions.index(low_level_reduction)
-        rates = tuple(aspp_rates) if aspp_rates is not None else default_aspp_rates(reductions[-1])
-        self.head = DeepLabV3PlusHead(
-            in_channels_high=backbone.out_channels[-1],
-            in_channels_low=backbone.out_channels[self.low_index],
-            num_classes=num_classes,
+        self.low_index = low_level_index(backbone, low_level_reduction)
+        self.head = head_for_backbone(
+            backbone,
+            num_classes,
+            low_level_reduction,
+            aspp_rates,
             aspp_channels=aspp_channels,
             low_channels=low_channels,
             decoder_channels=decoder_channels,
             dropout=dropout,
-            rates=rates,
             classifier_dropout=classifier_dropout,
             norm_layer=norm_layer,
             act_layer=act_layer,
