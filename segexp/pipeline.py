@@ -1,20 +1,25 @@
 """The image-level WSSS pipeline, stages 1-4 in order: ``python -m segexp.pipeline +experiment=seam_shapes``.
 
-1. ``train``   - the CAM network (the experiment's method: ``cam``, ``seam``, ...),
-                 :func:`segexp.runner.train`.
-2. ``cam``     - multi-scale x flip CAM export of the train split
-                 (:class:`~segexp.postprocess.cam_export.CAMStage`),
-                 CAM mIoU over the background-threshold curve.
-3. refinement  - the stages in ``pipeline.refine`` (``crf``: :class:`~segexp.postprocess.crf.CRFStage`),
-                 pseudo-label mIoU after each.
-4. ``retrain`` - ``method=supervised`` on the ``pseudo`` masks of the last stage (a ``PseudoLabels``
-                 train wrapper), final val/test mIoU.
+1. ``train``   - the CAM network: ``pipeline.cam_network`` (default :func:`train_cam_network`, the
+                 experiment's method; SC-CAM plugs in its clustering rounds here).
+2. ``cam``     - multi-scale x flip CAM export of the train split (``conf/stage/cam.yaml``), CAM mIoU
+                 over the background-threshold curve.
+3. refinement  - every stage named in ``pipeline.refine`` (``conf/stage/<name>.yaml``: ``crf``, ``rw``),
+                 each given the exported CAMs; pseudo-label mIoU after each. A stage that needs a
+                 trained network of its own (AffinityNet for ``rw``) has a ``prepare(context)`` hook
+                 that trains it through :meth:`PipelineContext.train`.
+4. ``retrain`` - ``method=supervised`` on the ``pseudo`` masks of the last refinement stage (a
+                 ``PseudoLabels`` train wrapper), final val/test mIoU.
 
-Resumable: every stage writes ``<dir>/<stage>/done.json`` with the hash of what it depends on and is
-skipped when that hash is current; stage 1/4 resume from their ``last.ckpt`` when interrupted; stages 2-3
-fill per-image caches (only missing or stale images are computed). ``--dir`` sets the pipeline
-directory (default ``${paths.log_dir}/pipeline/${run_name}``); ``--stop-after NAME`` stops after a stage.
-A report of every stage goes to ``<dir>/pipeline_report.json``.
+Settings live in ``conf/pipeline/wsss.yaml`` (experiments add ``- /pipeline: wsss``); a stage's own
+settings are ``pipeline.stages.<name>.*`` on the command line (the pipeline composes
+``conf/stage/<name>.yaml`` there, so ``segexp.pseudo stage=<name>`` and the pipeline read one file).
+
+Resumable: every training stage writes ``<dir>/<stage>/done.json`` with the hash of what it depends
+on and is skipped when that hash is current, and resumes from its ``last.ckpt`` when interrupted;
+stages 2-3 fill per-image caches (only missing or stale images are computed). ``--dir`` sets the
+pipeline directory (default ``${paths.log_dir}/pipeline/${run_name}``); ``--stop-after NAME`` stops
+after a stage. A report of every stage goes to ``<dir>/pipeline_report.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,7 @@ STAGES = ("train", "cam", "refine", "retrain")
 
 
 def compose(overrides: list[str]) -> DictConfig:
+    """The train config of ``overrides`` (``+experiment=`` and friends normalised as on the CLI)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -49,7 +56,8 @@ def compose(overrides: list[str]) -> DictConfig:
         return hydra_compose(config_name="train", overrides=normalize_overrides(list(overrides)))
 
 
-def _container(node: Any) -> Any:
+def container(node: Any) -> Any:
+    """Plain resolved Python data of a config node (anything else unchanged)."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
@@ -63,17 +71,8 @@ def _done(path: Path, key: str) -> dict[str, Any] | None:
     return record if record.get("key") == key else None
 
 
-def _pipeline_settings(cfg: DictConfig) -> dict[str, Any]:
-    p = _container(cfg.get("pipeline")) or {}
-    return {
-        "refine": list(p.get("refine", ["crf"])),
-        "retrain_epochs": int(p.get("retrain_epochs", 6)),
-        "crf": dict(p.get("crf", {})),
-        "retrain_overrides": list(p.get("retrain_overrides", [])),
-    }
-
-
-def _best_ckpt(run_dir: Path) -> Path:
+def best_checkpoint(run_dir: Path) -> Path:
+    """The best checkpoint a training run kept (``epoch_*.ckpt``), else its ``last.ckpt``."""
     ckpts = sorted((run_dir / "checkpoints").glob("epoch_*.ckpt"))
     last = run_dir / "checkpoints" / "last.ckpt"
     if ckpts:
@@ -83,10 +82,15 @@ def _best_ckpt(run_dir: Path) -> Path:
     raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
 
 
-def _train(
+def train_stage(
     overrides: list[str], run_dir: Path, key: str, patch: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Run (or resume, or skip) one training stage in ``run_dir``."""
+    """Run, resume or skip one training run in ``run_dir``; returns ``{key, ckpt, metrics}``.
+
+    ``key`` hashes everything the run depends on: a current ``done.json`` skips it, a ``last.ckpt``
+    written under the same key resumes it. ``patch`` sets config values that cannot be spelled as
+    overrides (e.g. a train wrapper holding a stage config).
+    """
     from segexp.runner import train
 
     record = _done(run_dir, key)
@@ -105,9 +109,37 @@ def _train(
     for dotted, value in (patch or {}).items():
         OmegaConf.update(cfg, dotted, value, force_add=True)
     metrics = train(cfg)
-    record = {"key": key, "ckpt": str(_best_ckpt(run_dir)), "metrics": metrics}
+    record = {"key": key, "ckpt": str(best_checkpoint(run_dir)), "metrics": metrics}
     write_json(run_dir / "done.json", record)
     return record
+
+
+@dataclass
+class PipelineContext:
+    """What a pipeline stage may use: the composed config, the user's overrides, the pipeline
+    directory, the train-split reader and the report so far."""
+
+    cfg: DictConfig
+    overrides: list[str]
+    root: Path
+    reader: Any = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def train(
+        self, name: str, overrides: list[str], depends_on: Any, patch: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A training run in ``<dir>/<name>`` keyed by ``depends_on`` (see :func:`train_stage`)."""
+        return train_stage(list(overrides), self.root / name, stable_hash(depends_on), patch)
+
+
+def cam_network_key(cfg: DictConfig) -> dict[str, Any]:
+    """What the stage-1 network depends on."""
+    return {k: container(cfg.get(k)) for k in ("method", "backbone", "data", "schedule", "seed")}
+
+
+def train_cam_network(context: PipelineContext) -> dict[str, Any]:
+    """Stage 1 (default): train the experiment's CAM method as configured."""
+    return context.train("train", context.overrides, cam_network_key(context.cfg))
 
 
 def _reader(cfg: DictConfig, role: str = "train") -> Any:
@@ -118,68 +150,71 @@ def _reader(cfg: DictConfig, role: str = "train") -> Any:
     return hydra.utils.instantiate(cfg.data.reader)(split=cfg.data.splits[role], keys=None)
 
 
-def cam_stage_config(cfg: DictConfig, ckpt: str, cache_dir: str) -> dict[str, Any]:
-    return {
-        "_target_": "segexp.postprocess.cam_export.CAMStage",
-        "_recursive_": False,
-        "method": _container(cfg.method),
-        "ckpt_path": ckpt,
-        "cache_dir": cache_dir,
-    }
+def _stage_overrides(names: list[str]) -> list[str]:
+    """Compose ``conf/stage/<name>.yaml`` at ``pipeline.stages.<name>`` for the CAM stage and each refiner."""
+    return [f"+stage@pipeline.stages.{n}={n}" for n in ["cam", *names]]
 
 
-def refine_stage_config(
-    name: str, cam_cfg: dict[str, Any], settings: dict[str, Any], cache_dir: str
-) -> dict[str, Any]:
-    if name == "crf":
-        return {
-            "_target_": "segexp.postprocess.crf.CRFStage",
-            "cam_stage": cam_cfg,
-            "cache_dir": cache_dir,
-            **settings.get("crf", {}),
-        }
-    raise ValueError(f"unknown refinement stage {name!r} (available: crf)")
+def _compose_pipeline(overrides: list[str]) -> DictConfig:
+    cfg = compose(overrides)
+    if cfg.get("pipeline") is None:
+        raise ValueError(
+            "this experiment has no pipeline settings: add `- /pipeline: wsss` to its defaults list "
+            "(see conf/pipeline/wsss.yaml)"
+        )
+    refine = list(cfg.pipeline.get("refine") or [])
+    return compose(list(overrides) + _stage_overrides(refine))
+
+
+def stage_config(cfg: DictConfig, name: str, cam_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config of refinement stage ``name`` reading the CAMs of ``cam_cfg``."""
+    node = container(cfg.pipeline.stages[name])
+    if "cam_stage" not in node:
+        raise ValueError(f"conf/stage/{name}.yaml takes no `cam_stage`: it cannot refine CAMs")
+    node["cam_stage"] = cam_cfg
+    return node
 
 
 def run(overrides: list[str], directory: str | None = None, stop_after: str | None = None) -> dict[str, Any]:
     import hydra
 
-    cfg = compose(overrides)
+    cfg = _compose_pipeline(overrides)
     root = Path(directory) if directory else Path(cfg.paths.log_dir) / "pipeline" / cfg.run_name
     root.mkdir(parents=True, exist_ok=True)
-    settings = _pipeline_settings(cfg)
-    cache_dir = str(Path(cfg.paths.data_dir) / "stage_cache")
-    report: dict[str, Any] = {"dir": str(root)}
+    context = PipelineContext(cfg=cfg, overrides=list(overrides), root=root)
+    report = context.report
+    report["dir"] = str(root)
 
     # 1. CAM network
-    key1 = stable_hash(
-        {k: _container(cfg.get(k)) for k in ("method", "backbone", "data", "schedule", "seed")}
-    )
-    stage1 = _train(list(overrides), root / "train", key1)
+    stage1 = hydra.utils.instantiate(cfg.pipeline.cam_network)(context)
     report["train"] = stage1["metrics"]
     if stop_after == "train":
         return report
 
     # 2. CAM export + CAM mIoU curve (train split, as in the papers)
-    reader = _reader(cfg)
-    cam_cfg = cam_stage_config(cfg, stage1["ckpt"], cache_dir)
+    context.reader = _reader(cfg)
+    cam_cfg = container(cfg.pipeline.stages.cam)
+    cam_cfg["ckpt_path"] = stage1["ckpt"]
+    if "method" in stage1:  # a stage 1 whose final network differs from cfg.method (SC-CAM rounds)
+        cam_cfg["method"] = stage1["method"]
     cam_stage = hydra.utils.instantiate(cam_cfg)
-    report["cam"] = _summary(cam_stage.run(reader, evaluate=True))
+    report["cam"] = _summary(cam_stage.run(context.reader, evaluate=True))
     if stop_after == "cam":
         return report
 
-    # 3. refinement
+    # 3. refinement: each stage refines the exported CAMs
     stage_cfg: dict[str, Any] = cam_cfg
-    for name in settings["refine"]:
-        stage_cfg = refine_stage_config(name, cam_cfg, settings, cache_dir)
+    for name in cfg.pipeline.refine:
+        stage_cfg = stage_config(cfg, name, cam_cfg)
         stage = hydra.utils.instantiate(stage_cfg, _recursive_=True)
-        report[name] = _summary(stage.run(reader, evaluate=True, workers=settings["crf"].get("workers")))
+        if hasattr(stage, "prepare"):
+            stage.prepare(context)
+        report[name] = _summary(stage.run(context.reader, evaluate=True))
     if stop_after == "refine":
         return report
 
     # 4. retraining on the pseudo labels of the last stage
     wrapper = {"_target_": "segexp.data.pseudo_labels.PseudoLabels", "_partial_": True, "stage": stage_cfg}
-    key4 = stable_hash({"stage1": key1, "ckpt": stage1["ckpt"], "stage": stage_cfg, "settings": settings})
     retrain = [
         *overrides,
         "method=supervised",
@@ -187,12 +222,13 @@ def run(overrides: list[str], directory: str | None = None, stop_after: str | No
         "schedule=sgd_poly",
         "method.target_key=pseudo",
         "method.train_keys=[image,pseudo]",
-        f"schedule.epochs={settings['retrain_epochs']}",
+        f"schedule.epochs={cfg.pipeline.retrain_epochs}",
         "optimized_metric=val/mIoU",
         f"run_name={cfg.run_name}_retrain",
-        *settings["retrain_overrides"],
+        *cfg.pipeline.retrain_overrides,
     ]
-    stage4 = _train(retrain, root / "retrain", key4, patch={"data.train_wrappers": [wrapper]})
+    depends = {"stage1": stage1["key"], "ckpt": stage1["ckpt"], "stage": stage_cfg, "retrain": retrain}
+    stage4 = context.train("retrain", retrain, depends, patch={"data.train_wrappers": [wrapper]})
     report["retrain"] = stage4["metrics"]
     write_json(root / "pipeline_report.json", report)
     return report

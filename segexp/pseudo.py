@@ -9,9 +9,10 @@ A stage is any object built from ``conf/stage/<name>.yaml`` with
 * ``cache_for(reader)`` / ``get(reader, index)``: what :class:`segexp.data.pseudo_labels.PseudoLabels`
   reads at training time.
 
-``grabcut`` and ``box_rect`` (:class:`segexp.postprocess.grabcut.GrabCutStage`) exist now; later
-stages (``cam``, ``crf``, ``rw``) add a config file with their ``_target_`` and, if they need a
-trained network, a ``ckpt_path`` setting of their own: this entry point does not change.
+Stages: ``grabcut`` and ``box_rect`` (:class:`segexp.postprocess.grabcut.GrabCutStage`), ``cam``
+(CAM export of the network ``ckpt_path=...`` with the experiment's method), ``crf`` (dense CRF of
+those CAMs) and ``rw`` (AffinityNet random walk), one ``conf/stage/<name>.yaml`` each:
+``python -m segexp.pseudo stage=cam +experiment=seam_shapes ckpt_path=<run>/checkpoints/last.ckpt``.
 
 Reports go to ``<run dir>/pseudo_report.json`` and are printed as a table.
 """
@@ -37,19 +38,39 @@ def normalize_pseudo_overrides(argv: list[str]) -> list[str]:
     """``stage=NAME`` works with and without an experiment (see ``conf/pseudo.yaml``).
 
     Without an experiment the stage group is not in the defaults list, so ``stage=NAME`` becomes
-    ``+stage=NAME`` and, if absent, ``+stage=grabcut`` is added. With an experiment (which selects
-    its stage) ``stage=NAME`` overrides that choice as usual.
+    ``+stage=NAME`` and, if absent, ``+stage=grabcut`` is added. With an experiment that selects a
+    stage (box2seg) ``stage=NAME`` overrides that choice; with one that does not (the image-level
+    experiments) it is added.
     """
     out = normalize_overrides(argv)
     keys = [a.split("=", 1)[0] for a in out if "=" in a]
-    has_experiment = "experiment" in keys
-    if has_experiment:
+    if "experiment" in keys and ("stage" not in keys or _experiment_selects_stage(out)):
         return out
     if "stage" in keys:
         return ["+" + a if a.split("=", 1)[0] == "stage" else a for a in out]
     if "+stage" not in keys:
         out.append(f"+stage={DEFAULT_STAGE}")
     return out
+
+
+def _experiment_selects_stage(overrides: list[str]) -> bool:
+    """Whether the experiment's defaults list has a stage (so ``stage=NAME`` overrides it)."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+
+    probe = [a for a in overrides if a.split("=", 1)[0] in ("experiment", "stage")]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+            compose(config_name="pseudo", overrides=probe)
+        return True
+    except ConfigCompositionException:
+        return False
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def build_reader(cfg: DictConfig, role: str) -> Any:
@@ -72,14 +93,20 @@ def format_report(report: dict[str, Any]) -> str:
         f"cache: {report['cache_dir']}",
     ]
     if "pseudo" in report:
-        lines.append(f"{'class':<16} {'pseudo IoU':>10} {'box IoU':>10}")
+        # a stage may score a reference alongside (GrabCut: the filled boxes)
+        ref = report.get("box_rect")
+        fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        lines.append(f"{'class':<16} {'pseudo IoU':>10}" + (f" {'box IoU':>10}" if ref else ""))
         for name, iou in report["pseudo"]["iou"].items():
-            box = report["box_rect"]["iou"].get(name)
-            fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"
-            lines.append(f"{name:<16} {fmt(iou):>10} {fmt(box):>10}")
+            lines.append(f"{name:<16} {fmt(iou):>10}" + (f" {fmt(ref['iou'].get(name)):>10}" if ref else ""))
         lines.append(
-            f"{'mIoU':<16} {100 * report['pseudo']['mIoU']:>10.2f} {100 * report['box_rect']['mIoU']:>10.2f}"
-            f"   ({report['scored_images']} images with GT)"
+            f"{'mIoU':<16} {fmt(report['pseudo']['mIoU']):>10}" + (f" {fmt(ref['mIoU']):>10}" if ref else "")
+            + f"   ({report['scored_images']} images with GT)"
+        )
+    elif "best_mIoU" in report:  # CAM export: the background-threshold curve
+        lines.append(
+            f"CAM mIoU {100 * report['best_mIoU']:.2f} at background threshold {report['best_threshold']:.2f}"
+            f" (best on this split; {report['scored_images']} images with GT)"
         )
     return "\n".join(lines)
 

@@ -97,3 +97,29 @@ def test_pipeline_resumes_an_interrupted_stage(tmp_path, caplog):
         third = run(overrides, str(out), stop_after="cam")
     assert any("is current: skipped" in r.message for r in caplog.records)
     assert third["cam"]["computed"] == 0 and ckpt.stat().st_mtime_ns >= mtime
+
+
+def test_pseudo_entry_point_reads_the_pipeline_stage_files(tmp_path):
+    """`segexp.pseudo stage=crf` and the pipeline compose the same conf/stage files: the CAMs the
+    pipeline exported are reused (same cache key), and the CRF labels are scored."""
+    from hydra import compose, initialize_config_dir
+
+    from segexp.pipeline import run as run_pipeline
+    from segexp.pseudo import normalize_pseudo_overrides
+    from segexp.pseudo import run as run_pseudo
+
+    overrides = ["+experiment=cam_shapes", f"paths.data_dir={tmp_path / 'data'}", *TINY]
+    first = run_pipeline(overrides, str(tmp_path / "pipe"), stop_after="cam")
+    ckpt = sorted((tmp_path / "pipe" / "train" / "checkpoints").glob("*.ckpt"))
+    record = __import__("json").loads((tmp_path / "pipe" / "train" / "done.json").read_text())
+    argv = normalize_pseudo_overrides(
+        [*overrides, "stage=crf", f"ckpt_path={record['ckpt']}", f"paths.output_dir={tmp_path / 'pseudo'}"]
+    )
+    assert ckpt and "+stage=crf" in argv
+    conf_dir = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        cfg = compose(config_name="pseudo", overrides=argv)
+    (report,) = run_pseudo(cfg)
+    assert report["stage"] == "crf" and "cam_export" not in report  # CAMs came from the pipeline's cache
+    assert report["computed"] == first["cam"]["images"]
+    assert 0.0 < report["pseudo"]["mIoU"] <= 1.0
