@@ -65,3 +65,37 @@ def test_collate_pads_to_largest_and_keeps_box_lists():
     assert isinstance(batch["boxes"], list) and len(batch["boxes"]) == 2
     assert batch["labels"].shape == (2, 3)
     assert [m["id"] for m in batch["meta"]] == ["a", "a"]
+
+
+def test_extra_maps_move_with_the_image_and_get_their_own_fill():
+    s = _sample()
+    s["body"] = (s["mask"] > 0).astype(np.uint8) * 7
+    s["weight"] = np.full(s["mask"].shape, 0.5, np.float32)
+    ops = [A.HorizontalFlip(p=1.0), A.PadIfNeeded(64, 64, border_mode=0, fill=0, fill_mask=0)]
+    t = SampleTransform(ops, extra_maps={"body": "ignore", "weight": "float"})
+    out = t(s)
+    assert torch.equal(out["body"] == 7, out["mask"] == 3)  # moved like the mask
+    assert torch.equal(out["body"] == 255, ~out["valid"])  # padding = ignore for an `ignore` map
+    assert out["weight"].dtype == torch.float32
+    assert torch.all(out["weight"][out["valid"]] == 0.5) and torch.all(out["weight"][~out["valid"]] == 0)
+    small = SampleTransform(extra_maps={"body": "ignore"})(_sample(20, 20) | {"body": np.zeros((20, 20), np.uint8)})
+    out.pop("weight")
+    batch = pad_collate([out, small], ignore_keys=("mask", "pseudo", "body"))
+    assert batch["body"].shape == (2, 64, 64) and (batch["body"][1, 20:] == 255).all()
+
+
+def test_extra_maps_reject_unknown_kinds_and_contract_keys():
+    import pytest
+
+    with pytest.raises(ValueError, match="kind must be one of"):
+        SampleTransform(extra_maps={"body": "nearest"})
+    with pytest.raises(ValueError, match="contract"):
+        SampleTransform(extra_maps={"mask": "zero"})
+
+
+def test_min_box_visibility_decides_whether_a_cropped_box_survives():
+    s = _sample()  # box x 5..15, y 10..20
+    crop = [A.Crop(x_min=14, y_min=0, x_max=50, y_max=40)]  # keeps 1 of the box's 10 columns (10%)
+    assert SampleTransform(crop, min_box_visibility=0.2)(s)["boxes"].shape == (0, 4)
+    kept = SampleTransform(crop, min_box_visibility=0.0)(s)["boxes"]
+    assert torch.allclose(kept, torch.tensor([[0.0, 10.0, 1.0, 20.0]]), atol=1e-4)

@@ -23,8 +23,11 @@ def _pad_to(t: torch.Tensor, h: int, w: int, value: float) -> torch.Tensor:
     return F.pad(t, (0, dw, 0, dh), value=value)
 
 
-def pad_collate(samples: list[dict[str, Any]], ignore_index: int = 255) -> dict[str, Any]:
-    """Collate a list of tensor samples (see ``segexp.data.transforms``) into a batch dict."""
+def pad_collate(
+    samples: list[dict[str, Any]], ignore_index: int = 255, ignore_keys: tuple[str, ...] = _PAD_IGNORE
+) -> dict[str, Any]:
+    """Collate a list of tensor samples (see ``segexp.data.transforms``) into a batch dict;
+    maps in ``ignore_keys`` are padded with ``ignore_index``, other maps with 0."""
     if not samples:
         raise ValueError("cannot collate an empty batch")
     h = max(s["image"].shape[-2] for s in samples)
@@ -35,7 +38,7 @@ def pad_collate(samples: list[dict[str, Any]], ignore_index: int = 255) -> dict[
         if key in _LIST_KEYS:
             batch[key] = values
         elif isinstance(values[0], torch.Tensor) and values[0].dim() >= 2:
-            fill = ignore_index if key in _PAD_IGNORE else 0
+            fill = ignore_index if key in ignore_keys else 0
             batch[key] = torch.stack([_pad_to(v, h, w, fill) for v in values])
         else:
             batch[key] = torch.stack([torch.as_tensor(v) for v in values])

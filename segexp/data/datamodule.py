@@ -65,6 +65,8 @@ class SegDataModule(pl.LightningDataModule):
         train_wrappers: Sequence[Callable[[Dataset], Dataset]] = (),
         eval_wrappers: Sequence[Callable[[Dataset], Dataset]] = (),
         test_sets: Mapping[str, Callable[..., Dataset]] | None = None,
+        min_box_visibility: float = 0.1,
+        extra_maps: Mapping[str, str] | None = None,
     ):
         super().__init__()
         if len(class_names) != num_classes:
@@ -91,8 +93,11 @@ class SegDataModule(pl.LightningDataModule):
         self.test_sets = dict(test_sets or {})
         self.test_set_names = list(self.test_sets)
         self._check_keys()
-        self.train_transform = SampleTransform(transforms.get("train", ()), ignore_index=ignore_index)
-        self.eval_transform = SampleTransform(transforms.get("eval", ()), ignore_index=ignore_index)
+        # boxes less visible than this after augmentation are dropped (albumentations min_visibility)
+        common = dict(ignore_index=ignore_index, min_box_visibility=min_box_visibility, extra_maps=extra_maps)
+        self.train_transform = SampleTransform(transforms.get("train", ()), **common)
+        self.eval_transform = SampleTransform(transforms.get("eval", ()), **common)
+        self.pad_ignore_keys = tuple(k for k, kind in self.train_transform.kinds.items() if kind == "ignore")
         self.datasets: dict[str, Dataset] = {}
 
     def _check_keys(self) -> None:
@@ -169,7 +174,9 @@ class SegDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
-            collate_fn=functools.partial(pad_collate, ignore_index=self.ignore_index),
+            collate_fn=functools.partial(
+                pad_collate, ignore_index=self.ignore_index, ignore_keys=self.pad_ignore_keys
+            ),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -5,11 +5,15 @@ albumentations masks, boxes are ``pascal_voc`` bboxes with their labels. Padding
 fill every map with 0 and a ``valid`` map marks the pixels that came from the image, so that
 afterwards the semantic maps get ``ignore_index`` there and entity maps get 0 (unlabeled) —
 one fill value per target, which albumentations alone cannot express.
+
+A method's own per-pixel maps (LDF's body/detail, ...) join with ``extra_maps``: ``{key: kind}``
+where kind says what fills pixels outside the image — ``ignore`` (an integer label map, filled with
+``ignore_index``), ``zero`` (an integer map filled with 0) or ``float`` (a float map filled with 0).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import albumentations as A
@@ -19,8 +23,19 @@ import torch
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_MASK_TARGETS = ("mask", "instances", "saliency", "pseudo")
-_IGNORED_OUTSIDE = ("mask", "pseudo")
+MAP_KINDS = {"mask": "ignore", "pseudo": "ignore", "instances": "zero", "saliency": "float"}
+EXTRA_MAP_KINDS = ("ignore", "zero", "float")
+
+
+def map_kinds(extra_maps: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Fill kind of every per-pixel target: the contract's maps plus a method's ``extra_maps``."""
+    extra = dict(extra_maps or {})
+    for key, kind in extra.items():
+        if kind not in EXTRA_MAP_KINDS:
+            raise ValueError(f"extra_maps[{key!r}] = {kind!r}: the kind must be one of {EXTRA_MAP_KINDS}")
+        if key in MAP_KINDS or key in ("image", "valid", "boxes", "labels"):
+            raise ValueError(f"extra_maps: {key!r} is a key of the sample contract already")
+    return {**MAP_KINDS, **extra}
 
 
 class SampleTransform:
@@ -37,8 +52,10 @@ class SampleTransform:
         std: Sequence[float] = IMAGENET_STD,
         ignore_index: int = 255,
         min_box_visibility: float = 0.1,
+        extra_maps: Mapping[str, str] | None = None,
     ):
         self.ignore_index = ignore_index
+        self.kinds = map_kinds(extra_maps)
         self.mean = np.asarray(mean, dtype=np.float32) * 255.0
         self.std = np.asarray(std, dtype=np.float32) * 255.0
         self.compose = (
@@ -46,7 +63,7 @@ class SampleTransform:
             if not ops
             else A.Compose(
                 list(ops),
-                additional_targets={k: "mask" for k in (*_MASK_TARGETS, "valid") if k != "mask"},
+                additional_targets={k: "mask" for k in (*self.kinds, "valid") if k != "mask"},
                 bbox_params=A.BboxParams(
                     format="pascal_voc",
                     label_fields=["box_labels", "box_difficult"],
@@ -61,7 +78,7 @@ class SampleTransform:
         image = sample["image"]
         h, w = image.shape[:2]
         inputs: dict[str, Any] = {"image": image, "valid": np.ones((h, w), dtype=np.uint8)}
-        for key in _MASK_TARGETS:
+        for key in self.kinds:
             if key in sample:
                 inputs[key] = sample[key]
         has_boxes = "boxes" in sample
@@ -75,15 +92,15 @@ class SampleTransform:
 
         valid = np.asarray(out["valid"]).astype(bool)
         result: dict[str, Any] = {"image": self._to_image_tensor(out["image"])}
-        for key in _MASK_TARGETS:
+        for key, kind in self.kinds.items():
             if key not in out or key not in sample:
                 continue
             arr = np.asarray(out[key])
-            if key == "saliency":
+            if kind == "float":
                 result[key] = torch.from_numpy(np.where(valid, arr, 0).astype(np.float32))
                 continue
             arr = arr.astype(np.int64)
-            arr[~valid] = self.ignore_index if key in _IGNORED_OUTSIDE else 0
+            arr[~valid] = self.ignore_index if kind == "ignore" else 0
             result[key] = torch.from_numpy(arr)
         if has_boxes:
             result["boxes"] = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
