@@ -266,3 +266,12 @@ def test_backbone_configs_instantiate(config):
     assert isinstance(backbone, Backbone) and backbone.name == config
     assert backbone.output_stride == cfg.output_stride
     assert len(backbone.out_channels) == len(cfg.out_indices)
+
+
+def test_resnet38d_is_a_timm_model_once_segexp_models_is_imported():
+    """A fresh interpreter: `import segexp.models` alone registers it (no config factory needed)."""
+    import subprocess
+    import sys
+
+    code = "import timm, segexp.models; assert 'resnet38d' in timm.list_models('resnet38*'), timm.list_models('resnet3*')"
+    subprocess.run([sys.executable, "-c", code], check=True)
