@@ -359,3 +359,20 @@ def test_cli_help_runs_as_a_module():
         [sys.executable, "-m", "segexp.data.synth", "--help"], capture_output=True, text=True, check=True
     )
     assert "--num-images" in result.stdout and "--workers" in result.stdout
+
+
+def test_plain_style_keeps_geometry_and_annotations_and_flattens_colours(tmp_path):
+    textured, plain = render_sample(3, 64, 0), render_sample(3, 64, 0, "plain")
+    assert np.array_equal(textured.semantic, plain.semantic) and textured.classes == plain.classes
+    assert np.array_equal(textured.boxes, plain.boxes)
+    for k in range(1, len(plain.classes) + 1):  # every object and stuff region is one flat colour
+        inside = plain.image[plain.instances == k]
+        assert np.ptp(inside.astype(int), axis=0).max() <= 1
+    assert not np.array_equal(textured.image, plain.image)
+    # a root remembers its style: the other style is refused, the same one reused
+    root = ensure_synthetic(tmp_path / "p", num_images=6, size=48, style="plain", workers=1)
+    assert ensure_synthetic(root, num_images=6, size=48, style="plain", workers=1) == root
+    with pytest.raises(ValueError, match="style='plain'"):
+        ensure_synthetic(root, num_images=6, size=48, workers=1)
+    with pytest.raises(ValueError, match="style must be one of"):
+        render_sample(0, 64, 0, "fancy")

@@ -10,6 +10,11 @@ panoptic JSON/PNGs and a SOD (image/mask) tree, so the *real* readers are what t
 configuration exercises. :func:`render_sample` gives the same content in memory, so round-trip
 tests can compare what the readers decode with what was drawn.
 
+Styles: ``textured`` (the default, above) and ``plain`` - the same geometry and annotations (image ``i``
+of a seed has the same shapes in both) with flat colours for objects and stuff regions. ``plain`` is for short CPU studies of methods that need
+a classifier to learn the shapes first (CAM-based WSSS): a from-scratch network separates flat shapes
+in minutes, the textured ones take far longer. Identity still lives in the shape only.
+
 Determinism: image ``i`` is drawn from ``np.random.default_rng([seed, i])`` only, so the output
 does not depend on how many worker processes generate it.
 """
@@ -56,6 +61,7 @@ CLASS_NAMES = ("background", "circle", "square", "triangle", "star", "cross")
 STUFF_NAMES = ("stuff_a", "stuff_b", "stuff_c")
 SPLITS = ("train", "val", "test")
 OBJECT_TEXTURES = ("flat", "stripes", "checker", "noise")
+STYLES = ("textured", "plain")
 
 COMPLETE_MARKER = ".complete.json"
 LOCK_FILE = ".lock"
@@ -300,24 +306,30 @@ def _visible_shapes(shapes: list[tuple[int, np.ndarray]], size: int) -> list[tup
 
 
 def _draw_background(
-    rng: np.random.Generator, regions: np.ndarray, size: int
+    rng: np.random.Generator, regions: np.ndarray, size: int, style: str = "textured"
 ) -> tuple[np.ndarray, list[int]]:
-    """Paint each stuff region with the texture of a distinct random stuff category."""
+    """Paint each stuff region with the texture of a distinct random stuff category (plain: its mean
+    colour)."""
     count = int(regions.max())
     categories = [int(c) for c in rng.permutation(len(STUFF_NAMES))[:count]]
     canvas = np.zeros((size, size, 3), dtype=np.float32)
     for region, category in enumerate(categories, 1):
         inside = regions == region
-        canvas[inside] = _stuff_texture(rng, size, category)[inside]
+        texture = _stuff_texture(rng, size, category)[inside]  # drawn in both styles: same random stream
+        canvas[inside] = texture.mean(axis=0) if style == "plain" else texture
     return canvas, categories
 
 
-def _draw_objects(rng: np.random.Generator, canvas: np.ndarray, masks: Sequence[np.ndarray]) -> None:
-    """Paint each object, in order, with a texture whose base colour differs from what it covers."""
+def _draw_objects(
+    rng: np.random.Generator, canvas: np.ndarray, masks: Sequence[np.ndarray], style: str = "textured"
+) -> None:
+    """Paint each object, in order, with a texture (plain: a flat colour) whose base colour differs
+    from what it covers."""
     size = canvas.shape[0]
     for mask in masks:
         base = _colour_far_from(rng, canvas[mask].mean(axis=0))
-        canvas[mask] = _object_texture(rng, size, base)[mask]
+        texture = _object_texture(rng, size, base)[mask]  # drawn in both styles: same geometry after
+        canvas[mask] = base if style == "plain" else texture
 
 
 def tight_boxes(instances: np.ndarray, count: int) -> np.ndarray:
@@ -329,18 +341,20 @@ def tight_boxes(instances: np.ndarray, count: int) -> np.ndarray:
     return boxes
 
 
-def render_sample(index: int, size: int = 128, seed: int = 0) -> SynthSample:
+def render_sample(index: int, size: int = 128, seed: int = 0, style: str = "textured") -> SynthSample:
     """Draw image ``index`` of the set generated with ``seed``, with all its annotations."""
     if size < 32:
         raise ValueError(f"size must be >= 32 pixels so the shapes stay recognisable, got {size}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     rng = np.random.default_rng([seed, index])
     regions = _stuff_partition(rng, size)
-    canvas, region_categories = _draw_background(rng, regions, size)
+    canvas, region_categories = _draw_background(rng, regions, size, style)
     kept: list[tuple[int, np.ndarray]] = []
     while not kept:  # the last drawn shape is rarely hidden; redraw the set in that rare case
         kept = _visible_shapes(_random_shapes(rng, size), size)
     masks = [mask for _, mask in kept]
-    _draw_objects(rng, canvas, masks)
+    _draw_objects(rng, canvas, masks, style)
 
     instances = _layer_masks(masks, size)
     classes = [class_index for class_index, _ in kept]
@@ -530,14 +544,14 @@ def split_assignment(num_images: int, split_fractions: Sequence[float]) -> list[
     ]
 
 
-def _write_image_files(job: tuple[str, int, int, int, str]) -> dict[str, Any]:
+def _write_image_files(job: tuple[str, int, int, int, str, str]) -> dict[str, Any]:
     """Render one image, write all its per-image files, return its entries for the COCO JSONs.
 
     Runs in a worker process, so it takes plain picklable arguments.
     """
-    root, index, size, seed, split = job
+    root, index, size, seed, split, style = job
     layout = SynthLayout(Path(root))
-    sample = render_sample(index, size, seed)
+    sample = render_sample(index, size, seed, style)
     sid = sample.id
     write_jpeg(layout.voc_jpeg(sid), sample.image, quality=JPEG_QUALITY)
     jpeg_bytes = layout.voc_jpeg(sid).read_bytes()
@@ -595,7 +609,7 @@ def _write_split_files(layout: SynthLayout, split_ids: dict[str, list[str]]) -> 
         write_text(layout.voc_split_file(name), "".join(f"{sid}\n" for sid in ids))
 
 
-def _render_all(jobs: list[tuple[str, int, int, int, str]], workers: int) -> list[dict[str, Any]]:
+def _render_all(jobs: list[tuple[str, int, int, int, str, str]], workers: int) -> list[dict[str, Any]]:
     """Run the per-image jobs, in a process pool when ``workers > 1``; results keep index order.
 
     The pool uses 'spawn' so a parent with live threads (Lightning, torch, loggers) cannot deadlock it.
@@ -612,7 +626,8 @@ def _generate(layout: SynthLayout, params: dict[str, Any], workers: int) -> None
     """Write every file of the set, then the completion marker last."""
     splits = split_assignment(params["num_images"], params["split_fractions"])
     jobs = [
-        (str(layout.root), index, params["size"], params["seed"], split) for index, split in enumerate(splits)
+        (str(layout.root), index, params["size"], params["seed"], split, params.get("style", "textured"))
+        for index, split in enumerate(splits)
     ]
     records = _render_all(jobs, workers)
     split_ids: dict[str, list[str]] = {}
@@ -636,9 +651,12 @@ def _generate(layout: SynthLayout, params: dict[str, Any], workers: int) -> None
 
 
 def _requested_params(
-    num_images: int, size: int, seed: int, split_fractions: Sequence[float]
+    num_images: int, size: int, seed: int, split_fractions: Sequence[float], style: str = "textured"
 ) -> dict[str, Any]:
-    """Validated generation parameters, in the form recorded in the completion marker."""
+    """Validated generation parameters, in the form recorded in the completion marker (``style``
+    only when not the default, so roots written before styles existed stay valid)."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if size < 32:
@@ -654,6 +672,7 @@ def _requested_params(
         "size": int(size),
         "seed": int(seed),
         "split_fractions": fractions,
+        **({"style": style} if style != "textured" else {}),
     }
 
 
@@ -665,9 +684,10 @@ def _is_complete(marker: Path, params: dict[str, Any]) -> bool:
         recorded = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{marker}: unreadable completion marker ({exc}); choose another root") from exc
+    recorded = {"style": "textured", **recorded}  # markers omit the default style
     differing = [
         f"{key}={recorded.get(key)!r} (requested {value!r})"
-        for key, value in params.items()
+        for key, value in {"style": "textured", **params}.items()
         if recorded.get(key) != value
     ]
     if differing:
@@ -700,6 +720,7 @@ def ensure_synthetic(
     seed: int = 0,
     split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
     workers: int | None = None,
+    style: str = "textured",
 ) -> Path:
     """Generate the synthetic set under ``root`` unless it is already complete; return ``root``.
 
@@ -709,7 +730,7 @@ def ensure_synthetic(
     """
     root = Path(root)
     layout = SynthLayout(root)
-    params = _requested_params(num_images, size, seed, split_fractions)
+    params = _requested_params(num_images, size, seed, split_fractions, style)
     if _is_complete(layout.complete_marker, params):
         return root
     root.mkdir(parents=True, exist_ok=True)
@@ -730,11 +751,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split-fractions", type=float, nargs=3, default=(0.6, 0.2, 0.2), metavar="F")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cpu count))")
+    parser.add_argument("--style", choices=STYLES, default="textured", help="plain = flat colours (see above)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         root = ensure_synthetic(
-            args.root, args.num_images, args.size, args.seed, args.split_fractions, args.workers
+            args.root, args.num_images, args.size, args.seed, args.split_fractions, args.workers, args.style
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -36,7 +36,13 @@ def run_id() -> str:
     return hashlib.sha1(str(Path(out_dir).resolve()).encode()).hexdigest()[:16]
 
 
+def synth_suffix(style: str) -> str:
+    """Directory-name suffix of a synthetic set's style (none for the default, so existing roots stay)."""
+    return "" if style in (None, "textured") else f"-{style}"
+
+
 def register() -> None:
+    OmegaConf.register_new_resolver("segexp.synth_suffix", synth_suffix, replace=True)
     OmegaConf.register_new_resolver("segexp.wandb_offline", wandb_offline, replace=True)
     OmegaConf.register_new_resolver("segexp.run_id", run_id, replace=True)
 
