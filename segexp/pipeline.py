@@ -248,6 +248,9 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
         "mIoU_at_threshold",
         "scored_images",
         "cache_dir",
+        "seconds_per_image",
+        "peak_memory_MB",
+        "confident_fraction",
     )
     out = {k: report[k] for k in keep if k in report}
     if "pseudo" in report:

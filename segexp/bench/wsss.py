@@ -3,8 +3,8 @@
 * CAM export: images/s of multi-scale (0.5, 1, 1.5, 2) x flip CAMs (ResNet-18 CAM net, random init:
   the cost does not depend on the weights);
 * dense CRF (SEAM settings, 10 iterations, 21 labels): images/s with 1 and 2 processes;
-* random walk (beta 8, logt 6) on the stride-8 grid: seconds per image and the peak memory of the
-  dense transition matrices (2 x (hw)^2 fp32, measured with ``tracemalloc``-free accounting: tensor sizes).
+* random walk (rw stage per image: AffinityNet ResNet-18 embedding, dense affinity, beta 8, logt 6, label):
+  seconds per image, the size of its dense (hw)^2 matrices and, on CUDA, the allocator's peak.
 """
 
 from __future__ import annotations
@@ -64,24 +64,44 @@ def bench_crf(size: int, n: int) -> dict:
 
 
 def bench_rw(size: int, n: int) -> dict:
-    from segexp.postprocess.affinity import dense_affinity
-    from segexp.postprocess.random_walk import random_walk
+    """The rw stage's per-image work (:func:`segexp.postprocess.rw_stage.random_walk_label`): AffinityNet
+    (ResNet-18 at stride 8, random init) -> pair affinities -> dense matrix -> walk -> label, 20 classes."""
+    from segexp.methods.affinitynet import AffinityNetMethod
+    from segexp.models.affinitynet import AffinityNet
+    from segexp.models.backbone import Backbone
+    from segexp.postprocess.rw_stage import random_walk_label
 
-    g = -(-size // 8)
-    feats = torch.rand(16, g, g)
-    scores = torch.rand(21, g, g)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net = AffinityNet(Backbone("resnet18", output_stride=8))
+    names = [str(i) for i in range(21)]
+    method = AffinityNetMethod(model=net, num_classes=21, class_names=names, schedule={})
+    method = method.to(device).eval()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    cams = rng.random((20, size, size), dtype=np.float32)
+    random_walk_label(method, image, cams, device=device)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(n):
-        aff = dense_affinity(feats, radius=5)
-        random_walk(scores, aff, beta=8, logt=6)
+        random_walk_label(method, image, cams, beta=8, logt=6, alpha=6, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / n
+    g = -(-size // 8)
     hw = g * g
-    return {
+    out = {
         "size": size,
         "grid": [g, g],
+        "device": device,
         "seconds_per_image": round(dt, 4),
-        "peak_matrix_MB": round(3 * hw * hw * 4 / 2**20, 2),
-    }  # affinity + T + T@T
+        "dense_matrices_MB": round(3 * hw * hw * 4 / 2**20, 2),  # affinity + T + T @ T (fp32)
+    }
+    if device == "cuda":
+        out["peak_cuda_MB"] = round(torch.cuda.max_memory_allocated() / 2**20, 2)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

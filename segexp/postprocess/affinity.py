@@ -1,17 +1,29 @@
 """AffinityNet pieces (``jiwoon-ahn/psa``, identical in SEAM): pixel pairs within a radius, affinity
 labels from low/high-alpha CRF maps, the affinity of embedded features, the affinity loss.
 
-The AffinityNet *training stage* (a network on ResNet-38 trained with these labels) is not wired
-into the pipeline yet; :func:`dense_affinity` turns any embedding (or a hand-built one) into the
-dense matrix :func:`segexp.postprocess.random_walk.random_walk` consumes.
+The network that learns the affinities is ``method=affinitynet`` (:mod:`segexp.methods.affinitynet`),
+trained and used by the ``rw`` stage (:mod:`segexp.postprocess.rw_stage`); :func:`dense_affinity`
+turns any embedding (or a hand-built one) into the dense matrix
+:func:`segexp.postprocess.random_walk.random_walk` consumes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
-__all__ = ["pair_offsets", "affinity_labels", "dense_affinity", "affinity_loss"]
+__all__ = [
+    "pair_offsets",
+    "affinity_labels",
+    "dense_affinity",
+    "PAIR_KINDS",
+    "pair_masks",
+    "affinity_terms",
+    "AFFINITY_WEIGHTS",
+    "affinity_loss",
+]
 
 
 def pair_offsets(radius: int = 5) -> list[tuple[int, int]]:
@@ -34,23 +46,6 @@ def affinity_labels(label_la: np.ndarray, label_ha: np.ndarray, ignore: int = 25
     return out
 
 
-def _pairs(label: np.ndarray, radius: int, ignore: int = 255):
-    h, w = label.shape
-    a, b = [], []
-    for dy, dx in pair_offsets(radius):
-        y0, y1 = 0, h - dy
-        x0, x1 = max(0, -dx), min(w, w - dx)
-        a.append(label[y0:y1, x0:x1].reshape(-1))
-        b.append(label[y0 + dy : y1 + dy, x0 + dx : x1 + dx].reshape(-1))
-    a, b = np.concatenate(a), np.concatenate(b)
-    valid = (a != ignore) & (b != ignore)
-    return {
-        "bg_pos": valid & (a == 0) & (b == 0),
-        "fg_pos": valid & (a == b) & (a != 0),
-        "neg": valid & (a != b),
-    }
-
-
 def dense_affinity(feats: torch.Tensor, radius: int | None = 5) -> torch.Tensor:
     """Dense symmetric affinity (hw, hw) of features (D, h, w): ``exp(-mean_c |f_i - f_j|)`` for pairs
     within ``radius`` (None = all pairs), 0 elsewhere, unit diagonal (psa ``infer_aff.py``)."""
@@ -66,15 +61,43 @@ def dense_affinity(feats: torch.Tensor, radius: int | None = 5) -> torch.Tensor:
     return aff
 
 
+PAIR_KINDS = ("bg_pos", "fg_pos", "neg")
+
+
+def pair_masks(
+    labels: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, ignore_index: int = 255
+) -> dict[str, torch.Tensor]:
+    """Boolean (N, P) masks of the pairs (src, dst) of grid labels (N, h, w): bg+ (both 0), fg+ (same
+    class != 0), neg (different classes), pairs touching ``ignore_index`` in none of them."""
+    flat = labels.flatten(1)
+    a, b = flat[:, src], flat[:, dst]
+    valid = (a != ignore_index) & (b != ignore_index)
+    return {
+        "bg_pos": valid & (a == 0) & (b == 0),
+        "fg_pos": valid & (a == b) & (a != 0),
+        "neg": valid & (a != b),
+    }
+
+
+def affinity_terms(
+    aff: torch.Tensor, masks: Mapping[str, torch.Tensor], eps: float = 1e-5
+) -> dict[str, torch.Tensor]:
+    """Unweighted loss of each pair kind: mean ``-log(a + eps)`` (positives) / ``-log(1 + eps - a)``
+    (negatives) over the pairs of that kind; 0 (with a gradient path) when there are none."""
+    out = {}
+    for kind in PAIR_KINDS:
+        m = masks[kind]
+        values = -torch.log(1.0 + eps - aff[m]) if kind == "neg" else -torch.log(aff[m] + eps)
+        out[kind] = values.mean() if values.numel() else aff.sum() * 0.0
+    return out
+
+
+AFFINITY_WEIGHTS = {"bg_pos": 0.25, "fg_pos": 0.25, "neg": 0.5}  # psa train_aff.py:101-109
+
+
 def affinity_loss(
     aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor, eps: float = 1e-5
 ) -> torch.Tensor:
     """psa ``train_aff.py:101-109``: 1/4 bg+ + 1/4 fg+ + 1/2 neg, each a mean of -log terms."""
-
-    def mean_or_zero(x: torch.Tensor) -> torch.Tensor:
-        return x.mean() if x.numel() else x.sum()
-
-    l_bg = mean_or_zero(-torch.log(aff[bg_pos] + eps))
-    l_fg = mean_or_zero(-torch.log(aff[fg_pos] + eps))
-    l_neg = mean_or_zero(-torch.log(1.0 + eps - aff[neg]))
-    return 0.25 * l_bg + 0.25 * l_fg + 0.5 * l_neg
+    terms = affinity_terms(aff, {"bg_pos": bg_pos, "fg_pos": fg_pos, "neg": neg}, eps)
+    return sum(AFFINITY_WEIGHTS[k] * v for k, v in terms.items())
