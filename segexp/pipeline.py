@@ -82,14 +82,39 @@ def best_checkpoint(run_dir: Path) -> Path:
     raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
 
 
+def method_override_key(arg: str) -> bool:
+    """Whether a command-line override sets the method (``method=...``, ``method.x=...``, ``+method.y``)."""
+    key = arg.split("=", 1)[0].lstrip("+~")
+    return key == "method" or key.startswith("method.")
+
+
+def without_method(overrides: list[str]) -> list[str]:
+    """The overrides of a pipeline minus those of its stage-1 method (another method trains next)."""
+    return [a for a in overrides if not method_override_key(a)]
+
+
+def method_config(name: str, overrides: list[str] = ()) -> DictConfig:
+    """``conf/method/<name>.yaml`` as composed without any experiment (interpolations unresolved,
+    so they resolve against the config the node is put into)."""
+    return compose([f"method={name}", *overrides]).method
+
+
 def train_stage(
-    overrides: list[str], run_dir: Path, key: str, patch: dict[str, Any] | None = None
+    overrides: list[str],
+    run_dir: Path,
+    key: str,
+    patch: dict[str, Any] | None = None,
+    method: str | None = None,
+    method_overrides: list[str] = (),
 ) -> dict[str, Any]:
     """Run, resume or skip one training run in ``run_dir``; returns ``{key, ckpt, metrics}``.
 
     ``key`` hashes everything the run depends on: a current ``done.json`` skips it, a ``last.ckpt``
     written under the same key resumes it. ``patch`` sets config values that cannot be spelled as
-    overrides (e.g. a train wrapper holding a stage config).
+    overrides (e.g. a train wrapper holding a stage config). ``method`` trains another method than
+    the experiment's (AffinityNet, the stage-2 network): its config is composed on its own, with
+    ``method_overrides``, and replaces the experiment's ``method`` node, because an experiment's own
+    ``method:`` block (weights of SEAM, FBR, ...) would not fit another method's arguments.
     """
     from segexp.runner import train
 
@@ -105,7 +130,11 @@ def train_stage(
         log.info("stage %s: resuming from %s", run_dir.name, last)
         extra.append(f"ckpt_path={last}")
     key_file.write_text(key)
+    if method is not None:
+        overrides = without_method(overrides)
     cfg = compose(overrides + extra)
+    if method is not None:
+        cfg.method = method_config(method, list(method_overrides))
     for dotted, value in (patch or {}).items():
         OmegaConf.update(cfg, dotted, value, force_add=True)
     metrics = train(cfg)
@@ -126,10 +155,19 @@ class PipelineContext:
     report: dict[str, Any] = field(default_factory=dict)
 
     def train(
-        self, name: str, overrides: list[str], depends_on: Any, patch: dict[str, Any] | None = None
+        self,
+        name: str,
+        overrides: list[str],
+        depends_on: Any,
+        patch: dict[str, Any] | None = None,
+        method: str | None = None,
+        method_overrides: list[str] = (),
     ) -> dict[str, Any]:
         """A training run in ``<dir>/<name>`` keyed by ``depends_on`` (see :func:`train_stage`)."""
-        return train_stage(list(overrides), self.root / name, stable_hash(depends_on), patch)
+        depends = {"on": depends_on, "method": method, "method_overrides": list(method_overrides)}
+        return train_stage(
+            list(overrides), self.root / name, stable_hash(depends), patch, method, list(method_overrides)
+        )
 
 
 def cam_network_key(cfg: DictConfig) -> dict[str, Any]:
@@ -155,8 +193,14 @@ def _stage_overrides(names: list[str]) -> list[str]:
     return [f"+stage@pipeline.stages.{n}={n}" for n in ["cam", *names]]
 
 
+def is_stage_setting(arg: str) -> bool:
+    """``pipeline.stages.<name>.<key>=...``: a setting of a stage config the pipeline composes itself
+    (training runs never see these)."""
+    return arg.split("=", 1)[0].lstrip("+~").startswith("pipeline.stages.")
+
+
 def _compose_pipeline(overrides: list[str]) -> DictConfig:
-    cfg = compose(overrides)
+    cfg = compose([a for a in overrides if not is_stage_setting(a)])
     if cfg.get("pipeline") is None:
         raise ValueError(
             "this experiment has no pipeline settings: add `- /pipeline: wsss` to its defaults list "
@@ -181,7 +225,7 @@ def run(overrides: list[str], directory: str | None = None, stop_after: str | No
     cfg = _compose_pipeline(overrides)
     root = Path(directory) if directory else Path(cfg.paths.log_dir) / "pipeline" / cfg.run_name
     root.mkdir(parents=True, exist_ok=True)
-    context = PipelineContext(cfg=cfg, overrides=list(overrides), root=root)
+    context = PipelineContext(cfg=cfg, overrides=[a for a in overrides if not is_stage_setting(a)], root=root)
     report = context.report
     report["dir"] = str(root)
 
@@ -215,20 +259,30 @@ def run(overrides: list[str], directory: str | None = None, stop_after: str | No
 
     # 4. retraining on the pseudo labels of the last stage
     wrapper = {"_target_": "segexp.data.pseudo_labels.PseudoLabels", "_partial_": True, "stage": stage_cfg}
+    extra = list(cfg.pipeline.retrain_overrides)
     retrain = [
-        *overrides,
-        "method=supervised",
+        *context.overrides,
         "loss=ce",
         "schedule=sgd_poly",
-        "method.target_key=pseudo",
-        "method.train_keys=[image,pseudo]",
         f"schedule.epochs={cfg.pipeline.retrain_epochs}",
         "optimized_metric=val/mIoU",
         f"run_name={cfg.run_name}_retrain",
-        *cfg.pipeline.retrain_overrides,
+        *without_method(extra),
+    ]
+    method_overrides = [
+        "method.target_key=pseudo",
+        "method.train_keys=[image,pseudo]",
+        *[a for a in extra if method_override_key(a)],
     ]
     depends = {"stage1": stage1["key"], "ckpt": stage1["ckpt"], "stage": stage_cfg, "retrain": retrain}
-    stage4 = context.train("retrain", retrain, depends, patch={"data.train_wrappers": [wrapper]})
+    stage4 = context.train(
+        "retrain",
+        retrain,
+        depends,
+        patch={"data.train_wrappers": [wrapper]},
+        method="supervised",
+        method_overrides=method_overrides,
+    )
     report["retrain"] = stage4["metrics"]
     write_json(root / "pipeline_report.json", report)
     return report

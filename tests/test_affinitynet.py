@@ -321,8 +321,7 @@ def test_pipeline_with_crf_and_rw_trains_affinitynet_and_scores_rw_labels(tmp_pa
 
 
 def test_affinity_run_drops_cam_method_overrides_and_both_papers_settings_compose():
-    from segexp.pipeline import _compose_pipeline
-    from segexp.postprocess.rw_stage import affinity_train_overrides
+    from segexp.pipeline import _compose_pipeline, method_config, without_method
 
     args = [
         "+experiment=x",
@@ -331,7 +330,10 @@ def test_affinity_run_drops_cam_method_overrides_and_both_papers_settings_compos
         "method=seam",
         "schedule.epochs=2",
     ]
-    assert affinity_train_overrides(args) == ["+experiment=x", "schedule.epochs=2"]
+    assert without_method(args) == ["+experiment=x", "schedule.epochs=2"]
+    # the AffinityNet method node is composed on its own: an experiment's method block never leaks in
+    node = method_config("affinitynet", ["method.radius=3"])
+    assert node._target_.endswith("AffinityNetMethod") and node.radius == 3
     cfg = _compose_pipeline(["+experiment=cam_shapes", "pipeline.refine=[rw,rw_psa]"])
     seam, psa = cfg.pipeline.stages.rw, cfg.pipeline.stages.rw_psa
     assert (seam.beta, seam.logt, seam.alpha, seam.labels.la_alpha, seam.labels.ha_alpha) == (

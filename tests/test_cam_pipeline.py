@@ -123,3 +123,28 @@ def test_pseudo_entry_point_reads_the_pipeline_stage_files(tmp_path):
     assert report["stage"] == "crf" and "cam_export" not in report  # CAMs came from the pipeline's cache
     assert report["computed"] == first["cam"]["images"]
     assert 0.0 < report["pseudo"]["mIoU"] <= 1.0
+
+
+def test_pipeline_retrains_a_supervised_network_on_the_last_stage(tmp_path):
+    """Stages 1-4 end to end with SEAM; SEAM's method overrides do not leak into stage 2's network."""
+    import yaml
+
+    from segexp.pipeline import run
+
+    overrides = [
+        "+experiment=seam_shapes",
+        f"paths.data_dir={tmp_path / 'data'}",
+        *TINY,
+        "method.weights.amp=0.5",  # a SEAM-only key: composing it into the supervised net would fail
+        "pipeline.retrain_epochs=1",
+        "pipeline.stages.crf.iterations=2",
+    ]
+    report = run(overrides, str(tmp_path / "pipe"))
+    assert 0.0 <= report["crf"]["pseudo_mIoU"] <= 1.0
+    assert "val/mIoU" in report["retrain"] and "test/mIoU" in report["retrain"]
+    retrain_cfg = yaml.safe_load((tmp_path / "pipe" / "retrain" / "config.yaml").read_text())
+    assert retrain_cfg["method"]["_target_"].endswith("SupervisedSegmentation")
+    assert retrain_cfg["method"]["target_key"] == "pseudo"
+    stage1_cfg = yaml.safe_load((tmp_path / "pipe" / "train" / "config.yaml").read_text())
+    assert stage1_cfg["method"]["weights"]["amp"] == 0.5
+    assert (tmp_path / "pipe" / "pipeline_report.json").is_file()

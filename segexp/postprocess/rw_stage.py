@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from segexp.data.cache import file_key, stable_hash
+from segexp.pipeline import method_override_key, without_method
 from segexp.postprocess.affinity_stage import AffinityLabelStage
 from segexp.postprocess.cam_export import CAMStage, image_tensor, load_method
 from segexp.postprocess.crf import CRFStage
@@ -48,7 +49,7 @@ from segexp.utils.atomic import write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RandomWalkStage", "random_walk_label", "dense_affinity_of", "affinity_train_overrides"]
+__all__ = ["RandomWalkStage", "random_walk_label", "dense_affinity_of"]
 
 
 def dense_affinity_of(method: Any, x: torch.Tensor) -> torch.Tensor:
@@ -96,16 +97,6 @@ def _plain(node: Any) -> Any:
         if isinstance(node, (DictConfig, ListConfig))
         else dict(node)
     )
-
-
-def affinity_train_overrides(overrides: Sequence[str]) -> list[str]:
-    """The user's pipeline overrides without those of the CAM method (``method.*``): AffinityNet is
-    another method; its own settings come from ``train_overrides``."""
-
-    def key(arg: str) -> str:
-        return arg.split("=", 1)[0].lstrip("+~")
-
-    return [a for a in overrides if not (key(a) == "method" or key(a).startswith("method."))]
 
 
 def augment_ops(crop: int, hflip: bool, color_jitter: Sequence[float] | None) -> list[dict[str, Any]]:
@@ -280,13 +271,12 @@ class RandomWalkStage(CRFStage):
         if "pseudo" in report:
             context.report[self.labels.name]["confident_mIoU"] = report["pseudo"]["mIoU"]
         overrides = [
-            *affinity_train_overrides(context.overrides),
-            "method=affinitynet",
+            *context.overrides,
             f"schedule={self.schedule}",
             "optimized_metric=val/aff_balanced_acc",
             "test=false",
             f"run_name={context.cfg.run_name}_affinity",
-            *self.train_overrides,
+            *without_method(self.train_overrides),
         ]
         wrapper = {
             "_target_": "segexp.data.pseudo_labels.PseudoLabels",
@@ -297,7 +287,10 @@ class RandomWalkStage(CRFStage):
         if self.augment:
             patch["data.transforms.train"] = augment_ops(**self.augment)
         depends = {"labels": self.labels.settings(), "overrides": overrides, "patch": patch}
-        record = context.train(f"{self.name}_affinity", overrides, depends, patch)
+        method_overrides = [a for a in self.train_overrides if method_override_key(a)]
+        record = context.train(
+            f"{self.name}_affinity", overrides, depends, patch, "affinitynet", method_overrides
+        )
         last = Path(record["ckpt"]).parent / "last.ckpt"
         self.affinity_ckpt = str(last) if self.weights == "last" and last.is_file() else record["ckpt"]
         self._method = self._method_cfg = None
