@@ -78,9 +78,13 @@ class SEAM(CAMMethod):
         return out1, out2
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        images, labels = batch["image"], batch["labels"]
-        out1, out2 = self._views(images)
-        lab = torch.cat([torch.ones_like(labels[:, :1]), labels], 1).to(images.dtype)[..., None, None]
+        return self.view_losses(*self._views(batch["image"]), batch["labels"])
+
+    def view_losses(
+        self, out1: dict[str, torch.Tensor], out2: dict[str, torch.Tensor], labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """SEAM's terms from the outputs of the two views (subclasses add their own on the same views)."""
+        lab = torch.cat([torch.ones_like(labels[:, :1]), labels], 1).to(out1["cam"].dtype)[..., None, None]
         small = out2["cam"].shape[-2:]
 
         losses = {
@@ -109,8 +113,14 @@ class SEAM(CAMMethod):
         y_t = max_norm(out2["cam"]) * lab
         rv_t = max_norm(out2["cam_rv"]) * lab
         losses["er"] = self.weights["er"] * er_loss(y_o, y_t)
-        losses["ecr"] = self.weights["ecr"] * ecr_loss(y_o, y_t, rv_o, rv_t, self.ohem_ratio)
+        losses["ecr"] = self.weights["ecr"] * self.ecr(y_o, y_t, rv_o, rv_t)
         return losses
+
+    def ecr(
+        self, y_o: torch.Tensor, y_t: torch.Tensor, rv_o: torch.Tensor, rv_t: torch.Tensor
+    ) -> torch.Tensor:
+        """ECR with OHEM on the label-masked, max-normalised maps of both views (A(.) applied)."""
+        return ecr_loss(y_o, y_t, rv_o, rv_t, self.ohem_ratio)
 
     def fg_cams(self, images: torch.Tensor) -> torch.Tensor:
         """Foreground channels of the PCM output (``inference_map: cam_rv``, released) or of the CAM."""

@@ -46,8 +46,9 @@ class CAMNet(nn.Module):
             (ResNet-38: 2 = conv4, 3 = conv5).
         background_first: channel 0 of the CAM is the background (SEAM); needed by the PCM input.
 
-    ``forward(x)`` returns ``{"cam": (N, channels, h, w), "cam_rv": PCM output or absent}``
-    on the feature grid (stride = backbone output stride).
+    ``forward(x)`` returns ``{"cam": (N, channels, h, w), "cam_rv": PCM output or absent,
+    "features": the deepest backbone map}`` on the feature grid (stride = backbone output stride);
+    ``features`` is what plug-in heads (FBR's projections) read.
     """
 
     def __init__(
@@ -76,7 +77,7 @@ class CAMNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(x)
         cam = self.head(feats[-1])
-        out = {"cam": cam}
+        out = {"cam": cam, "features": feats[-1]}
         if self.pcm is not None:
             cam_hat = pcm_input(cam)  # no_grad, from cam.detach()
             out["cam_rv"] = self.pcm(cam_hat, x, [feats[i] for i in self.pcm_taps])

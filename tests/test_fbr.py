@@ -1,0 +1,226 @@
+"""FBR: NROI contrast on a hand-made batch (value, gradient routing faithful vs released), active
+negative sampling statistics, the FIFO bank, uncertain-pixel selection, the released ECR slip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from segexp.losses.fbr import (
+    class_prototypes,
+    contrast_pseudo_labels,
+    fg_active_contrast_loss,
+    max_onehot_bg_last_slip,
+    negative_class_probs,
+    nroi_centroids,
+    nroi_contrast_loss,
+    sample_negative_pixels,
+    uncertain_mask,
+)
+from segexp.losses.seam import max_onehot
+from segexp.models.fbr import NROIBank
+
+
+def _hand_batch():
+    """6 pixels: 2 uncertain of class 1 (features [1, 0] = its prototype), 1 sure pixel of class 1,
+    class 2 present without uncertain pixels, 2 background pixels. One NROI [0, 1] in the bank."""
+    feats = torch.tensor(
+        [[1.0, 0.0], [2.0, 0.0], [0.5, 0.5], [0.0, 3.0], [1.0, 1.0], [0.3, 0.1]], requires_grad=True
+    )
+    pseudo = torch.tensor([1, 1, 1, 2, 0, 0])
+    uncertain = torch.tensor([True, True, False, False, False, False])
+    prototypes = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    bank = NROIBank(size=4, dim=2)
+    bank.push(torch.tensor([[0.0, 1.0]]))
+    return feats, pseudo, uncertain, prototypes, bank
+
+
+def test_nroi_contrast_value_and_gradient_reach_the_queries_in_faithful_mode():
+    feats, pseudo, uncertain, prototypes, bank = _hand_batch()
+    k, tau = 4, 0.5
+    loss = nroi_contrast_loss(feats, pseudo, uncertain, prototypes, bank, num_negatives=k, tau=tau)
+    # each query: cos to the prototype 1, to the NROI 0 -> -log(e^2 / (e^2 + 4)); class 2 counts with 0
+    per_query = math.log(1 + k * math.exp(-1 / tau))
+    assert loss.item() == pytest.approx(per_query / 2, rel=1e-5)
+    loss.backward()
+    grad_rows = feats.grad.abs().sum(1) > 0
+    # queries [1,0] sit on their prototype: the gradient is orthogonal to them (away from [0,1])
+    assert grad_rows.tolist() == [True, True, False, False, False, False]
+    assert feats.grad[0, 1] > 0 and feats.grad[1, 1] > 0  # descent direction: away from the NROI
+
+
+def test_nroi_contrast_released_quirks_value_and_no_gradient():
+    feats, pseudo, uncertain, prototypes, bank = _hand_batch()
+    k, tau = 4, 0.5
+    loss = nroi_contrast_loss(
+        feats, pseudo, uncertain, prototypes, bank, num_negatives=k, tau=tau, official_quirks=True
+    )
+    # cosine over the 1 + k keys per channel: channel 0 compares (1,...,1) with (1, 0, 0, 0, 0) -> 1/sqrt(5),
+    # channel 1 compares a zero vector -> 0; CE over the D = 2 channel "classes", target 0
+    logits = torch.tensor([1 / math.sqrt(1 + k), 0.0]) / tau
+    expect = -torch.log_softmax(logits, 0)[0].item()
+    assert loss.item() == pytest.approx(expect / 2, rel=1e-5)
+    loss.backward()
+    assert feats.grad is None or not feats.grad.any()
+
+
+def test_fg_active_contrast_gradient_reaches_only_the_queries():
+    torch.manual_seed(0)
+    feats = torch.randn(12, 8, requires_grad=True)
+    pseudo = torch.tensor([1, 1, 1, 1, 2, 2, 2, 3, 3, 0, 0, 0])
+    uncertain = torch.tensor([1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).bool()
+    prototypes = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    loss = fg_active_contrast_loss(feats, pseudo, uncertain, prototypes, num_negatives=16, tau=0.5)
+    loss.backward()
+    assert (feats.grad.abs().sum(1) > 0).tolist() == uncertain.tolist()  # keys are detached
+    # a single present class has no negatives: 0
+    single = fg_active_contrast_loss(feats, torch.where(pseudo > 1, 1, pseudo), uncertain, prototypes)
+    assert single.item() == 0.0
+
+
+def test_active_sampler_draws_classes_with_softmax_of_prototype_similarity():
+    protos = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [-1.0, 0.2]])
+    tau = 0.5
+    probs = negative_class_probs(protos, anchor=1, others=[2, 3, 4], tau=tau)
+    cos = torch.tensor([1 / math.sqrt(2), 0.0, -1 / math.sqrt(1.04)])
+    assert torch.allclose(probs, torch.softmax(cos / tau, 0), atol=1e-6)
+    pools = [torch.arange(0, 3), torch.arange(10, 17), torch.arange(20, 21)]
+    q, k = 200, 256
+    gen = torch.Generator().manual_seed(0)
+    cls, idx = sample_negative_pixels(pools, probs, (q, k), gen)
+    n = q * k
+    freq = torch.bincount(cls.flatten(), minlength=3).double() / n
+    sd = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((freq - probs.double()).abs() < 4 * sd).all()  # binomial 4-sigma band
+    for j, pool in enumerate(pools):  # every index comes from the drawn class's pool, uniformly
+        picked = idx[cls == j]
+        assert torch.isin(picked, pool).all()
+        counts = torch.stack([(picked == p).sum() for p in pool]).double()
+        expect = picked.numel() / len(pool)
+        chi2 = ((counts - expect) ** 2 / expect).sum().item()
+        assert chi2 < 3 * (len(pool) - 1) + 10  # far below what a non-uniform draw would give
+
+
+def test_bank_is_fifo_bounded_and_checkpointed():
+    bank = NROIBank(size=5, dim=2)
+    rows = torch.arange(14, dtype=torch.float32).view(7, 2)
+    bank.push(rows[:3])
+    assert len(bank) == 3 and torch.equal(bank.entries(), rows[:3])
+    bank.push(rows[3:])
+    assert len(bank) == 5 and bank.bank.shape == (5, 2)
+    assert torch.equal(bank.entries(), rows[2:])  # oldest two dropped, order kept
+    many = torch.arange(24, dtype=torch.float32).view(12, 2) + 100
+    bank.push(many)
+    assert torch.equal(bank.entries(), many[-5:])
+    restored = NROIBank(size=5, dim=2)
+    restored.load_state_dict(bank.state_dict())
+    assert torch.equal(restored.entries(), bank.entries()) and len(restored) == 5
+    idx = restored.sample_index((3, 7), torch.Generator().manual_seed(0))
+    assert idx.shape == (3, 7) and idx.max() < 5
+    with pytest.raises(ValueError, match=r"\(n, 2\)"):
+        bank.push(torch.zeros(3, 4))
+
+
+def test_uncertain_pixels_on_a_worked_example():
+    # one image, 6 pixels in a row; channels: background, class 1, class 2
+    pseudo = torch.tensor([[[1, 1, 1, 1, 0, 2]]])
+    scores = torch.zeros(1, 3, 1, 6)
+    scores[0, 1, 0] = torch.tensor([0.9, 0.5, 0.3, 0.04, 0.2, 0.0])
+    scores[0, 2, 0] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.8])
+    probs = torch.full((1, 3, 1, 6), 1 / 3)
+    probs[0, :, 0, 3] = torch.tensor([0.0, 1.0, 0.0])  # a confident (zero-entropy) pixel
+    # class 1 region scores > 0.05: [0.3, 0.5, 0.9] -> threshold index int(3 * 0.6) = 1 -> 0.5: pixel 0 sure;
+    # class 2: [0.8] -> threshold 0.8, nothing above it; entropy 10% quantile = 0 (pixels 3 and 4)
+    got = uncertain_mask(pseudo, scores, probs, sure_rate=0.6, min_score=0.05, entropy_rate=0.1)
+    assert got[0, 0].tolist() == [False, True, True, False, False, True]
+
+
+def test_contrast_pseudo_labels_use_a_constant_background_and_the_image_labels():
+    cam = torch.zeros(1, 3, 1, 4)
+    cam[0, 1, 0] = torch.tensor([4.0, 2.0, 0.2, 0.0])
+    cam[0, 2, 0] = torch.tensor([0.0, 3.0, 1.0, 0.0])
+    scores, probs, pseudo = contrast_pseudo_labels(cam, torch.tensor([[1.0, 1.0]]), bg_score=0.1)
+    assert pseudo[0, 0].tolist() == [1, 2, 2, 0]
+    assert torch.allclose(scores[0, 0], torch.full((1, 4), 0.1))
+    _, _, only1 = contrast_pseudo_labels(cam, torch.tensor([[1.0, 0.0]]), bg_score=0.1)
+    assert only1[0, 0].tolist() == [1, 1, 0, 0]  # class 1 at pixel 2: 0.2 / 4 = 0.05 < 0.1
+
+
+def test_prototypes_are_weighted_means_of_the_top_scores():
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [3.0, 0.0]]).T.reshape(1, 2, 2, 2)
+    scores = torch.tensor([[0.1, 0.2, 0.0, 0.9], [0.5, 0.5, 0.5, 0.0]]).reshape(1, 2, 2, 2)
+    protos = class_prototypes(feats, scores, top_fraction=0.5)  # k = 2
+    expect0 = torch.nn.functional.normalize(
+        0.9 * torch.tensor([3.0, 0.0]) + 0.2 * torch.tensor([0.0, 1.0]), dim=0
+    )
+    assert torch.allclose(protos[0], expect0, atol=1e-6)
+
+
+def test_nroi_centroids_per_image():
+    torch.manual_seed(0)
+    feats = torch.randn(3, 4, 5, 5)
+    bg = torch.zeros(3, 5, 5, dtype=torch.bool)
+    bg[0] = True  # 25 background pixels -> 8 centroids
+    bg[1, 0, :3] = True  # 3 pixels -> raw features
+    out = nroi_centroids(feats, bg, k=8)
+    assert out.shape == (11, 4)
+    raw = feats[1].flatten(1).T[bg[1].flatten()]
+    assert any(torch.allclose(out[i : i + 3], raw) for i in range(out.shape[0] - 2))
+
+
+def test_released_ecr_keeps_the_first_class_and_lets_background_compete():
+    x = torch.tensor([0.6, 0.2, 0.5, 0.1]).view(1, 4, 1, 1)  # background first
+    assert max_onehot(x).flatten().tolist() == pytest.approx([0.6, 0.0, 0.5, 0.0])
+    assert max_onehot_bg_last_slip(x).flatten().tolist() == pytest.approx([0.6, 0.2, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("quirks", [False, True])
+def test_method_nroi_term_trains_proj_fg_only_when_faithful(quirks):
+    from segexp.methods.fbr import FBR
+    from segexp.models.backbone import Backbone
+    from segexp.models.fbr import FBRNet
+
+    torch.manual_seed(0)
+    net = FBRNet(Backbone("resnet18", output_stride=8), num_classes=4, background_first=True, pcm={})
+    weights = {
+        "cls": 0.0,
+        "er": 0.0,
+        "ecr": 0.0,
+        "amp": 0.0,
+        "sim": 0.0,
+        "bg_seg": 0.0,
+        "nroi": 1.0,
+        "fg": 0.0,
+    }
+    m = FBR(
+        model=net,
+        num_classes=4,
+        class_names=list("abcd"),
+        schedule={},
+        weights=weights,
+        official_quirks=quirks,
+        contrast_size=8,
+        bank_size=64,
+        entropy_rate=0.0,
+        bg_score=0.5,
+    )
+    m.banks[0].push(torch.randn(16, 128))
+    m.banks[1].push(torch.randn(16, 128))
+    labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    losses = m.compute_losses({"image": torch.randn(2, 3, 64, 64), "labels": labels})
+    assert losses["nroi"].item() > 0
+    sum(losses.values()).backward()
+    grad = m.model.fbr_heads.proj_fg.weight.grad
+    assert bool(grad is not None and grad.abs().sum() > 0) is (not quirks)
+
+
+def test_unknown_loss_weight_is_rejected_with_its_name():
+    from segexp.methods.fbr import FBR
+    from segexp.models.backbone import Backbone
+    from segexp.models.fbr import FBRNet
+
+    net = FBRNet(Backbone("resnet18", output_stride=8), num_classes=3, background_first=True, pcm={})
+    with pytest.raises(ValueError, match="nroj"):
+        FBR(model=net, num_classes=3, class_names=list("abc"), schedule={}, weights={"nroj": 0.1})
