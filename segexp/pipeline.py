@@ -180,7 +180,8 @@ def train_cam_network(context: PipelineContext) -> dict[str, Any]:
     return context.train("train", context.overrides, cam_network_key(context.cfg))
 
 
-def _reader(cfg: DictConfig, role: str = "train") -> Any:
+def train_reader(cfg: DictConfig, role: str = "train") -> Any:
+    """The reader of ``data.splits[role]`` with every key the dataset provides (prepared first)."""
     import hydra
 
     if cfg.data.get("prepare") is not None:
@@ -236,7 +237,7 @@ def run(overrides: list[str], directory: str | None = None, stop_after: str | No
         return report
 
     # 2. CAM export + CAM mIoU curve (train split, as in the papers)
-    context.reader = _reader(cfg)
+    context.reader = train_reader(cfg)
     cam_cfg = container(cfg.pipeline.stages.cam)
     cam_cfg["ckpt_path"] = stage1["ckpt"]
     if "method" in stage1:  # a stage 1 whose final network differs from cfg.method (SC-CAM rounds)

@@ -64,7 +64,8 @@ def _experiment_selects_stage(overrides: list[str]) -> bool:
     probe = [a for a in overrides if a.split("=", 1)[0] in ("experiment", "stage")]
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
             compose(config_name="pseudo", overrides=probe)
         return True
     except ConfigCompositionException:

@@ -137,6 +137,11 @@ def test_experiment_runs_fast_dev_run(name, data_dir, tmp_path):
     overrides = [f"+experiment={name}", "debug=fdr", *TINY, f"paths.data_dir={data_dir}"]
     if "_shapes" in name:
         overrides += SMALL_SYNTH
+    elif name in ("bottomup_ade", "bottomup_evican", "bottomup_coco_ade"):  # entity-set fixtures
+        from tests.test_bottomup_method import entity_fixture
+
+        root, extra = entity_fixture(data_dir)
+        overrides += [f"paths.data_dir={root}", "data.image_size=64", *extra.get(name, [])]
     elif "duts" in name:  # salient-object experiments: a DUTS-layout fixture
         overrides += [f"paths.data_dir={_duts_fixture_from_synthetic(data_dir)}", "data.image_size=64"]
     elif "coco" in name:

@@ -78,7 +78,8 @@ def test_extra_maps_move_with_the_image_and_get_their_own_fill():
     assert torch.equal(out["body"] == 255, ~out["valid"])  # padding = ignore for an `ignore` map
     assert out["weight"].dtype == torch.float32
     assert torch.all(out["weight"][out["valid"]] == 0.5) and torch.all(out["weight"][~out["valid"]] == 0)
-    small = SampleTransform(extra_maps={"body": "ignore"})(_sample(20, 20) | {"body": np.zeros((20, 20), np.uint8)})
+    small_sample = _sample(20, 20) | {"body": np.zeros((20, 20), np.uint8)}
+    small = SampleTransform(extra_maps={"body": "ignore"})(small_sample)
     out.pop("weight")
     batch = pad_collate([out, small], ignore_keys=("mask", "pseudo", "body"))
     assert batch["body"].shape == (2, 64, 64) and (batch["body"][1, 20:] == 255).all()

@@ -11,7 +11,8 @@ configuration exercises. :func:`render_sample` gives the same content in memory,
 tests can compare what the readers decode with what was drawn.
 
 Styles: ``textured`` (the default, above) and ``plain`` - the same geometry and annotations (image ``i``
-of a seed has the same shapes in both) with flat colours for objects and stuff regions. ``plain`` is for short CPU studies of methods that need
+of a seed has the same shapes in both) with flat colours for objects and stuff regions.
+``plain`` is for short CPU studies of methods that need
 a classifier to learn the shapes first (CAM-based WSSS): a from-scratch network separates flat shapes
 in minutes, the textured ones take far longer. Identity still lives in the shape only.
 
@@ -751,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split-fractions", type=float, nargs=3, default=(0.6, 0.2, 0.2), metavar="F")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: min(2, cpu count))")
-    parser.add_argument("--style", choices=STYLES, default="textured", help="plain = flat colours (see above)")
+    parser.add_argument("--style", choices=STYLES, default="textured", help="plain = flat colours")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:

@@ -25,6 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 MAP_KINDS = {"mask": "ignore", "pseudo": "ignore", "instances": "zero", "saliency": "float"}
 EXTRA_MAP_KINDS = ("ignore", "zero", "float")
+VECTOR_KEYS = ("labels", "sub_labels")  # per-image multi-hot vectors (classes; SC-CAM sub-categories)
 
 
 def map_kinds(extra_maps: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -106,8 +107,9 @@ class SampleTransform:
             result["boxes"] = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
             result["box_labels"] = torch.as_tensor(np.asarray(out["box_labels"], dtype=np.int64))
             result["box_difficult"] = torch.as_tensor(np.asarray(out["box_difficult"], dtype=bool))
-        if "labels" in sample:
-            result["labels"] = torch.as_tensor(np.asarray(sample["labels"], dtype=np.float32))
+        for key in VECTOR_KEYS:  # image-level vectors: untouched by augmentation
+            if key in sample:
+                result[key] = torch.as_tensor(np.asarray(sample[key], dtype=np.float32))
         result["valid"] = torch.from_numpy(valid)
         if "meta" in sample:
             result["meta"] = dict(sample["meta"])

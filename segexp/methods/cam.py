@@ -18,7 +18,7 @@ divide by max + 1e-5); ``minmax`` = SEAM ``infer_SEAM.py:72-77`` (sum, ReLU, (s 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from segexp.losses.cam import gap_logits, multilabel_soft_margin
 from segexp.methods.base import SegMethod
 from segexp.metrics.cam import CAMThresholdCurve
 
-__all__ = ["CAMMethod", "normalise_cams", "CAM_NORMS"]
+__all__ = ["CAMMethod", "normalise_cams", "sum_over_passes", "CAM_NORMS"]
 
 CAM_NORMS = ("max", "minmax")
 
@@ -45,6 +45,28 @@ def normalise_cams(summed: torch.Tensor, mode: str = "max", eps: float = 1e-5) -
         smax = s.flatten(2).amax(-1)[..., None, None]
         return ((s - smin - eps) / (smax - smin + eps)).clamp(min=0)
     raise ValueError(f"cam_norm must be one of {CAM_NORMS}, got {mode!r}")
+
+
+def sum_over_passes(
+    cams_of: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    scales: Sequence[float],
+    flip: bool,
+    resize_mode: str,
+) -> torch.Tensor:
+    """Sum of ``cams_of(view)`` over scales x (flip), each upsampled to the image (bilinear) and unflipped."""
+    h, w = image.shape[-2:]
+    total = None
+    for s in scales:
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        x = image if size == (h, w) else F.interpolate(image, size, mode=resize_mode, align_corners=False)
+        for flipped in (False, True) if flip else (False,):
+            cam = F.interpolate(
+                cams_of(x.flip(-1) if flipped else x), (h, w), mode="bilinear", align_corners=False
+            )
+            cam = cam.flip(-1) if flipped else cam
+            total = cam if total is None else total + cam
+    return total
 
 
 class CAMMethod(SegMethod):
@@ -113,21 +135,7 @@ class CAMMethod(SegMethod):
         upsampled to H x W (bilinear, align_corners=False), unflipped, label-masked, summed, normalised."""
         scales = self.scales if scales is None else tuple(scales)
         flip = self.flip if flip is None else flip
-        h, w = image.shape[-2:]
-        total = None
-        for s in scales:
-            size = (max(1, round(h * s)), max(1, round(w * s)))
-            x = (
-                image
-                if size == (h, w)
-                else F.interpolate(image, size, mode=self.resize_mode, align_corners=False)
-            )
-            views = [x, x.flip(-1)] if flip else [x]
-            for k, v in enumerate(views):
-                cam = F.interpolate(self.fg_cams(v), (h, w), mode="bilinear", align_corners=False)
-                if k == 1:
-                    cam = cam.flip(-1)
-                total = cam if total is None else total + cam
+        total = sum_over_passes(self.fg_cams, image, scales, flip, self.resize_mode)
         if labels is not None:
             total = total * labels.to(total.dtype)[..., None, None]
         return normalise_cams(total, self.cam_norm)

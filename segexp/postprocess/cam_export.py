@@ -111,7 +111,7 @@ class CAMStage(CachedStage):
             self.method_cfg.get("bg_threshold", 0.2) if bg_threshold is None else bg_threshold
         )
         self.thresholds = (
-            tuple(thresholds) if thresholds is not None else tuple(round(0.01 * i, 2) for i in range(61))
+            tuple(thresholds) if thresholds is not None else tuple(round(0.01 * i, 2) for i in range(100))
         )
         self.cache_dir = Path(cache_dir)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device

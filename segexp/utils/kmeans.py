@@ -121,8 +121,8 @@ def kmeans(
     few = valid.sum(-1) < k
     if bool(few.any()):
         raise ValueError(
-            f"kmeans: k={k} clusters but problem(s) {few.nonzero().flatten().tolist()} have fewer valid points "
-            f"({valid.sum(-1)[few].tolist()})"
+            f"kmeans: k={k} clusters but problem(s) {few.nonzero().flatten().tolist()} have fewer "
+            f"valid points ({valid.sum(-1)[few].tolist()})"
         )
     w = valid.to(x.dtype)
     count = w.sum(-1, keepdim=True)

@@ -1,0 +1,141 @@
+"""SC-CAM sub-category discovery cost: ``python -m segexp.bench.sccam [--quick] [--json out.json]``.
+
+* feature extraction (:class:`~segexp.postprocess.subcategory.FeatureStage`): images/s of the
+  GAP feature of a CAM network's backbone, one image at a time at its own size (as the stage runs);
+  random init (the cost does not depend on the weights);
+* clustering: seconds for ``n`` x ``dim`` features (default 10,000 x 2,048) into K = 10 clusters,
+  ``n_init`` = 10, ``max_iter`` = 300, seed 0: our torch k-means (:func:`segexp.utils.kmeans.kmeans`,
+  the stage's) vs scikit-learn ``KMeans(algorithm="lloyd")`` with the same settings, on a planted
+  Gaussian mixture; parity = inertia ratio and adjusted Rand index between the two partitions
+  (determinism for a seed is a test: ``tests/test_kmeans.py``, ``tests/test_sccam.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+
+def _method_cfg(backbone: str) -> dict:
+    return {
+        "_target_": "segexp.methods.cam.CAMMethod",
+        "num_classes": 21,
+        "class_names": [str(i) for i in range(21)],
+        "schedule": {},
+        "model": {
+            "_target_": "segexp.models.cam_head.CAMNet",
+            "backbone": {"_target_": "segexp.models.backbone.Backbone", "name": backbone, "output_stride": 8},
+            "num_classes": 21,
+        },
+    }
+
+
+def bench_features(backbone: str, size: int, n: int, device: str) -> dict:
+    from segexp.postprocess.subcategory import FeatureStage
+
+    stage = FeatureStage(_method_cfg(backbone), ckpt_path=None, device=device, progress=False)
+    rng = np.random.default_rng(0)
+    samples = [
+        {"image": rng.integers(0, 255, (size, size, 3), dtype=np.uint8), "labels": np.ones(20)}
+        for _ in range(n)
+    ]
+    feature = stage.compute(samples[0])["feature"]  # warm-up (and builds the network)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for s in samples:
+        stage.compute(s)
+    dt = time.perf_counter() - t0
+    return {
+        "backbone": backbone,
+        "size": size,
+        "images": n,
+        "device": device,
+        "dim": int(feature.shape[0]),
+        "images_per_s": round(n / dt, 3),
+    }
+
+
+def planted_mixture(n: int, dim: int, k: int, seed: int = 0) -> np.ndarray:
+    """``n`` points around ``k`` random centres (unit noise, centres at spread 1.5 per dimension)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1.5, (k, dim)).astype(np.float32)
+    return (centres[rng.integers(0, k, n)] + rng.normal(0, 1, (n, dim))).astype(np.float32)
+
+
+def bench_clustering(n: int, dim: int, k: int, n_init: int, device: str) -> dict:
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    from segexp.utils.kmeans import kmeans
+
+    x = planted_mixture(n, dim, k)
+    xt = torch.from_numpy(x).to(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    ours = kmeans(xt, k, n_init=n_init, max_iter=300, tol=1e-4, seed=0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    ours_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = KMeans(n_clusters=k, n_init=n_init, max_iter=300, tol=1e-4, random_state=0, algorithm="lloyd").fit(
+        x
+    )
+    sk_s = time.perf_counter() - t0
+    return {
+        "points": n,
+        "dim": dim,
+        "k": k,
+        "n_init": n_init,
+        "device": device,
+        "ours_s": round(ours_s, 3),
+        "sklearn_s": round(sk_s, 3),
+        "ours_iterations_of_best_init": int(ours.iterations),
+        "sklearn_iterations_of_best_init": int(ref.n_iter_),
+        "inertia_ratio_ours_over_sklearn": round(float(ours.inertia) / float(ref.inertia_), 6),
+        "adjusted_rand_ours_vs_sklearn": round(
+            float(adjusted_rand_score(ref.labels_, ours.labels.cpu().numpy())), 6
+        ),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description="SC-CAM feature extraction and clustering cost")
+    p.add_argument("--quick", action="store_true", help="small sizes (CI)")
+    p.add_argument(
+        "--backbone", default="resnet18", help="timm name of the feature network (released: resnet38d)"
+    )
+    p.add_argument("--size", type=int, default=None, help="image side for feature extraction")
+    p.add_argument("--points", type=int, default=None)
+    p.add_argument("--dim", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    size = args.size or (64 if args.quick else 320)
+    result = {
+        "threads": torch.get_num_threads(),
+        "features": bench_features(args.backbone, size, 3 if args.quick else 20, device),
+        "clustering": bench_clustering(
+            args.points or (1000 if args.quick else 10_000),
+            args.dim or (64 if args.quick else 2048),
+            10,
+            2 if args.quick else 10,
+            device,
+        ),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        from segexp.utils.atomic import write_json
+
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

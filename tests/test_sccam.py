@@ -1,0 +1,345 @@
+"""SC-CAM: sub-category labels, the clustering stage, the loss and heads, merged CAMs, resumable rounds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from segexp.losses.sccam import sccam_losses
+from segexp.methods.sccam import SCCAMMethod, batch_sub_labels
+from segexp.models.sccam_head import SubCategoryCAMNet
+from segexp.postprocess.subcategory import (
+    FeatureStage,
+    SubCategoryLabels,
+    SubCategoryStage,
+    cluster_per_class,
+    subcategory_labels,
+)
+from segexp.utils.kmeans import kmeans
+
+
+# -- sub-category labels ------------------------------------------------------------------------
+def test_subcategory_labels_one_bit_per_present_parent_at_parent_times_k_plus_cluster():
+    labels = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 1]], np.float32)
+    clusters = np.array([[2, -1, 0], [-1, 1, -1], [0, 3, 1]])
+    out = subcategory_labels(labels, clusters, 4)
+    assert out.shape == (3, 12)
+    assert np.flatnonzero(out[0]).tolist() == [0 * 4 + 2, 2 * 4 + 0]
+    assert np.flatnonzero(out[1]).tolist() == [1 * 4 + 1]
+    assert np.flatnonzero(out[2]).tolist() == [0, 4 + 3, 8 + 1]
+    assert (out.reshape(3, 3, 4).sum(-1) == labels).all()  # exactly one bit per present parent
+
+
+def test_subcategory_labels_reject_a_cluster_outside_k():
+    with pytest.raises(ValueError, match="cluster 4 is not in 0..3"):
+        subcategory_labels(np.array([[1, 0]]), np.array([[4, -1]]), 4)
+
+
+def test_multi_label_images_join_the_clustering_of_each_of_their_classes():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(30, 6, generator=g).numpy()
+    labels = np.zeros((30, 2), np.float32)
+    labels[:20, 0] = 1
+    labels[12:, 1] = 1  # images 12..19 have both classes
+    clusters, stats = cluster_per_class(feats, labels, 3, n_init=2, random_state=5)
+    assert (clusters[:12, 1] == -1).all() and (clusters[20:, 0] == -1).all()
+    assert (clusters[12:20] >= 0).all()
+    for c, members in ((0, np.arange(20)), (1, np.arange(12, 30))):
+        ref = kmeans(torch.from_numpy(feats[members]), 3, n_init=2, seed=5)
+        assert np.array_equal(clusters[members, c], ref.labels.numpy())
+        assert stats[str(c)]["images"] == len(members) and sum(stats[str(c)]["sizes"]) == len(members)
+
+
+def test_a_class_with_fewer_images_than_k_gets_one_cluster_per_image():
+    feats = np.eye(4, dtype=np.float32)
+    labels = np.array([[1], [1], [0], [0]], np.float32)
+    clusters, stats = cluster_per_class(feats, labels, 10)
+    assert sorted(clusters[:2, 0].tolist()) == [0, 1] and stats["0"]["k"] == 2
+
+
+# -- the clustering stage on real files ---------------------------------------------------------
+class FolderReader:
+    """A minimal reader: PNG images in a folder, fixed image-level labels (3 foreground classes)."""
+
+    provides = frozenset({"image", "labels"})
+    num_classes = 4
+
+    def __init__(self, root: Path, labels: np.ndarray):
+        self.root = root
+        self.labels = labels
+        self.ids = [f"img{i:02d}" for i in range(len(labels))]
+        self.keys = frozenset({"image", "labels"})
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / f"{image_id}.png"
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image = np.asarray(Image.open(self.image_path(self.ids[index])).convert("RGB"))
+        return {"image": image, "labels": self.labels[index], "meta": {"id": self.ids[index]}}
+
+
+@pytest.fixture(scope="module")
+def folder_reader(tmp_path_factory) -> FolderReader:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    labels = np.zeros((16, 3), np.float32)
+    labels[:10, 0] = 1
+    labels[6:, 1] = 1
+    labels[::3, 2] = 1
+    for i in range(len(labels)):
+        colour = rng.integers(0, 255, 3)
+        image = np.clip(colour + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / f"img{i:02d}.png")
+    return FolderReader(root, labels)
+
+
+def _cam_method_cfg() -> dict:
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose
+
+    cfg = compose(["+experiment=cam_shapes", "backbone.pretrained=false"])
+    return OmegaConf.to_container(cfg.method, resolve=True)
+
+
+@pytest.fixture(scope="module")
+def method_cfg() -> dict:
+    return _cam_method_cfg()
+
+
+def _stage(cache: Path, method_cfg: dict, k: int = 3, seed: int = 0) -> SubCategoryStage:
+    features = FeatureStage(
+        method_cfg, ckpt_path=None, init_seed=0, cache_dir=cache, device="cpu", progress=False
+    )
+    return SubCategoryStage(
+        features, num_subcategories=k, n_init=3, random_state=seed, cache_dir=cache, device="cpu"
+    )
+
+
+def test_clustering_stage_is_deterministic_for_a_seed_and_cached(folder_reader, method_cfg, tmp_path):
+    a, b = _stage(tmp_path / "a", method_cfg), _stage(tmp_path / "b", method_cfg)
+    ra, rb = a.run(folder_reader), b.run(folder_reader)
+    assert ra["computed"] == rb["computed"] == 16 and ra["features"]["computed"] == 16
+    ta, tb = a.label_table(folder_reader), b.label_table(folder_reader)
+    assert np.array_equal(ta, tb)
+    assert (ta.reshape(16, 3, 3).sum(-1) == folder_reader.labels).all()
+    assert np.array_equal(a.get(folder_reader, 7), ta[7])
+    # a second run reuses features and clusters; another seed is another cache entry (features shared)
+    again = a.run(folder_reader)
+    assert again["computed"] == 0 and again["features"]["computed"] == 0
+    other = _stage(tmp_path / "a", method_cfg, seed=1)
+    assert other.cache_for(folder_reader).dir != a.cache_for(folder_reader).dir
+    assert other.run(folder_reader)["features"]["computed"] == 0
+
+
+def test_a_changed_image_invalidates_the_whole_clustering(folder_reader, method_cfg, tmp_path):
+    import shutil
+
+    root = tmp_path / "imgs"
+    shutil.copytree(folder_reader.root, root)
+    reader = FolderReader(root, folder_reader.labels)
+    stage = _stage(tmp_path / "c", method_cfg)
+    stage.run(reader)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "img03.png")
+    stage = _stage(tmp_path / "c", method_cfg)  # a new process would start without the memo
+    assert len(stage.missing(reader)) == 16
+    report = stage.run(reader)
+    assert report["features"]["computed"] == 1 and report["computed"] == 16
+
+
+def test_wrapper_adds_sub_labels_and_declares_them(folder_reader, method_cfg, tmp_path):
+    wrapped = SubCategoryLabels(folder_reader, _stage(tmp_path / "w", method_cfg))
+    sample = wrapped[4]
+    assert SubCategoryLabels.adds == ("sub_labels",)
+    assert sample["sub_labels"].shape == (9,) and sample["sub_labels"].sum() == folder_reader.labels[4].sum()
+    from segexp.data.transforms import SampleTransform
+
+    out = SampleTransform()(sample)  # an image-level vector: passed through as float
+    assert torch.equal(out["sub_labels"], torch.as_tensor(sample["sub_labels"], dtype=torch.float32))
+
+
+def test_missing_feature_checkpoint_is_a_clear_error(method_cfg, tmp_path):
+    stage = FeatureStage(method_cfg, ckpt_path=tmp_path / "nope.ckpt", cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        stage.settings()
+
+
+# -- loss, heads, merged CAMs -------------------------------------------------------------------
+def test_loss_on_a_hand_made_batch():
+    parent = torch.tensor([[2.0, -1.0]])
+    sub = torch.tensor([[0.0, 1.0, -2.0, 3.0]])
+    terms = sccam_losses(
+        parent, torch.tensor([[1.0, 0.0]]), sub, torch.tensor([[1.0, 0.0, 0.0, 0.0]]), sub_weight=5.0
+    )
+    # parent: (softplus(-2) + softplus(-1)) / 2 = (0.126928 + 0.313262) / 2
+    assert terms["cls"].item() == pytest.approx(0.220095, abs=1e-5)
+    # sub: 5 * (log 2 + softplus(1) + softplus(-2) + softplus(3)) / 4
+    assert terms["sub"].item() == pytest.approx(5 * (0.693147 + 1.313262 + 0.126928 + 3.048587) / 4, abs=1e-5)
+    with pytest.raises(ValueError, match="num_subcategories"):
+        sccam_losses(parent, torch.ones(1, 2), sub, torch.ones(1, 6))
+
+
+class TinyBackbone(nn.Module):
+    out_channels = [8]
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return [torch.relu(self.conv(x))]
+
+
+def _method(k: int = 2, **kw) -> SCCAMMethod:
+    torch.manual_seed(0)
+    model = SubCategoryCAMNet(TinyBackbone(), num_classes=3, num_subcategories=k)
+    return SCCAMMethod(
+        model,
+        num_subcategories=k,
+        num_classes=3,
+        class_names=["bg", "a", "b"],
+        schedule={},
+        inference={"scales": [1.0], "flip": False},
+        **kw,
+    )
+
+
+def test_sub_head_on_the_pooled_feature_equals_the_mean_of_its_map():
+    net = _method().model.eval()
+    x = torch.randn(2, 3, 12, 10)
+    assert torch.allclose(net(x)["sub_logits"], net.sub_cam(x).mean((2, 3)), atol=1e-6)
+    assert net.sub_classifier.bias is None and net(x)["sub_logits"].shape == (2, 4)
+
+
+def test_sub_loss_trains_backbone_and_sub_head_but_not_the_parent_classifier():
+    method = _method()
+    batch = {
+        "image": torch.randn(2, 3, 8, 8),
+        "labels": torch.tensor([[1.0, 0.0], [1.0, 1.0]]),
+        "sub_labels": torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 1.0, 0]]),
+    }
+    losses = method.compute_losses(batch)
+    assert set(losses) == {"cls", "sub"}
+    losses["sub"].backward()
+    assert method.model.head.classifier.weight.grad is None
+    assert method.model.sub_classifier.weight.grad.abs().sum() > 0
+    assert method.model.backbone.conv.weight.grad.abs().sum() > 0
+
+
+def test_missing_sub_labels_is_a_clear_error():
+    with pytest.raises(KeyError, match="SubCategoryLabels"):
+        batch_sub_labels({"image": torch.zeros(1, 3, 4, 4), "meta": [{"id": "x"}]})
+
+
+def test_merged_cam_is_the_max_over_sub_categories_normalised_jointly():
+    method = _method(k=3, cam_source="merged").eval()
+    x = torch.randn(1, 3, 8, 8)
+    labels = torch.tensor([[1.0, 0.0]])
+    cams = method.multiscale_cams(x, labels)
+    sub = torch.relu(method.model.sub_cam(x)).view(1, 2, 3, 8, 8)
+    expect = sub[:, 0].amax(1) / (sub[:, 0].amax() + 1e-5)  # common max of the 3 sub-CAMs of class a
+    assert torch.allclose(cams[0, 0], expect[0], atol=1e-6)
+    assert cams[0, 1].abs().max() == 0  # absent class
+
+
+def test_mismatched_k_between_method_and_model_is_rejected():
+    model = SubCategoryCAMNet(TinyBackbone(), num_classes=3, num_subcategories=4)
+    with pytest.raises(ValueError, match="num_subcategories=2"):
+        SCCAMMethod(model, num_subcategories=2, num_classes=3, class_names=["bg", "a", "b"], schedule={})
+
+
+def test_sub_head_learns_cluster_labels_beyond_chance():
+    """The sub-category head fits labels that depend on the image (its colour) well above chance."""
+    g = torch.Generator().manual_seed(0)
+    colours = torch.randn(4, 3, generator=g) * 2
+    cluster = torch.arange(64) % 4
+    x = colours[cluster][..., None, None] + 0.3 * torch.randn(64, 3, 8, 8, generator=g)
+    labels = torch.ones(64, 1)
+    sub = torch.nn.functional.one_hot(cluster, 4).float()
+    torch.manual_seed(0)
+    model = SubCategoryCAMNet(TinyBackbone(), num_classes=2, num_subcategories=4, dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(100):
+        out = model(x)
+        loss = sum(sccam_losses(out["cam"].mean((2, 3)), labels, out["sub_logits"], sub).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    acc = (model.eval()(x)["sub_logits"].argmax(1) == cluster).float().mean()
+    assert acc > 0.9  # chance: 0.25
+
+
+# -- rounds -------------------------------------------------------------------------------------
+ROUNDS_TINY = [
+    "data.prepare.num_images=24",
+    "data.prepare.size=48",
+    "data.image_size=48",
+    "data.batch_size=4",
+    "data.eval_batch_size=4",
+    "schedule.epochs=2",
+    "method.num_subcategories=2",
+    "method.inference.scales=[1.0]",
+    "method.inference.flip=false",
+    "data.train_wrappers.0.stage.n_init=2",
+    "pipeline.cam_network.rounds=1",
+    "pipeline.cam_network.checkpoint_epochs=[1]",
+    'pipeline.cam_network.round0_overrides=["method=cam","schedule.epochs=1"]',
+    "test=false",
+    "logger=csv",
+    "callbacks.progress_bar.refresh_rate=1000",
+    "trainer.enable_model_summary=false",
+]
+
+
+@pytest.mark.slow
+def test_rounds_run_stop_at_their_epoch_and_resume_from_the_cache(tmp_path, caplog):
+    import json
+
+    from segexp.pipeline import run
+
+    overrides = ["+experiment=sccam_shapes", f"paths.data_dir={tmp_path / 'data'}", *ROUNDS_TINY]
+    out = tmp_path / "pipe"
+    first = run(overrides, str(out), stop_after="cam")
+    rounds = json.loads((out / "rounds_report.json").read_text())
+    assert rounds[0]["dir"] == "round0" and rounds[1]["dir"].startswith("round1_K2_")
+    round1 = out / rounds[1]["dir"]
+    last = torch.load(round1 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 0  # stopped after 1 of the 2 epochs of the horizon
+    assert first["cam"]["computed"] == 0  # the last round's export was done (and cached) by the rounds
+    assert 0.0 <= rounds[1]["cam"]["best_mIoU"] <= 1.0
+    cache = tmp_path / "data" / "stage_cache"
+    files = sorted(cache.glob("sccam_*/*/entries/*.npz"))
+    assert files
+    stamps = [f.stat().st_mtime_ns for f in files]
+
+    (round1 / "done.json").unlink()  # interrupted after its last checkpoint
+    with caplog.at_level(logging.INFO, logger="segexp.pipeline"):
+        second = run(overrides, str(out), stop_after="cam")
+    messages = [r.message for r in caplog.records]
+    assert any("round0 is current: skipped" in m for m in messages)
+    assert any(f"{round1.name}: resuming from" in m for m in messages)
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # features and clusters reused
+    assert second["cam"]["best_mIoU"] == pytest.approx(first["cam"]["best_mIoU"], abs=1e-6)
+
+
+def test_round0_keeps_the_overrides_its_method_has_and_drops_sc_cam_only_ones():
+    from segexp.sccam_rounds import round0_argv
+
+    user = ["+experiment=sccam_shapes", "method.num_subcategories=3", "method.bg_threshold=0.1", "seed=3"]
+    argv = round0_argv(user, ["method=cam"])
+    assert argv == [
+        "+experiment=sccam_shapes",
+        "method.bg_threshold=0.1",
+        "seed=3",
+        "method=cam",
+        "data.train_wrappers=[]",
+    ]
