@@ -159,11 +159,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = {f"{split}/{k[len('test/'):]}": v for k, v in tested.items()}
     if trainer.is_global_zero:
         write_json(out / "metrics.json", metrics)
-        result = {
-            "iou": torch.tensor([metrics.get(f"{split}/IoU_{n}", float("nan")) for n in method.class_names]),
-            "mIoU": metrics.get(f"{split}/mIoU", float("nan")),
-        }
-        write_text(out / "per_class.md", per_class_table(result, method.class_names))
+        if any(f"{split}/IoU_{n}" in metrics for n in method.class_names):  # not for entity methods
+            result = {
+                "iou": torch.tensor(
+                    [metrics.get(f"{split}/IoU_{n}", float("nan")) for n in method.class_names]
+                ),
+                "mIoU": metrics.get(f"{split}/mIoU", float("nan")),
+            }
+            write_text(out / "per_class.md", per_class_table(result, method.class_names))
         print(f"run directory: {out}")
     finish_loggers(loggers)
     return metrics
