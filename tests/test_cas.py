@@ -125,6 +125,65 @@ def test_official_variant_rejects_multi_region_targets():
         CASLoss("nope")
 
 
+def _cas_method(**kw):
+    from segexp.methods.cas import CASSaliency
+
+    return CASSaliency(model=torch.nn.Conv2d(3, 2, 1), loss=CASLoss(), num_classes=2,
+                       class_names=["background", "salient"], schedule={}, **kw)
+
+
+def _two_channel(p1: float, p0: float, fg: torch.Tensor) -> torch.Tensor:
+    """(1, 2, H, W) softmax-like map: channel 1 = p1 on ``fg`` and p0 elsewhere."""
+    s1 = torch.where(fg.bool(), torch.tensor(p1), torch.tensor(p0))[None]
+    return torch.stack([1 - s1, s1], 1)
+
+
+def test_salient_channel_is_chosen_on_the_contrast_summed_over_ranks(monkeypatch):
+    import segexp.methods.cas as cas
+
+    gt = torch.zeros(1, 4, 4, dtype=torch.long)
+    gt[:, 1:3, 1:3] = 1
+    # "rank 0" holds one image where channel 0 looks salient (contrast of channel 1: -0.2), "rank 1"
+    # two images where channel 1 is (+0.5 each): over the whole validation set channel 1 wins.
+    rank0 = cas.channel_contrast(_two_channel(0.4, 0.6, gt[0]), gt)
+    rank1 = cas.channel_contrast(torch.cat([_two_channel(0.9, 0.4, gt[0])] * 2), gt.repeat(2, 1, 1))
+    torch.testing.assert_close(rank0, torch.tensor([0.2, -0.2], dtype=torch.float64))
+    torch.testing.assert_close(rank1, torch.tensor([-1.0, 1.0], dtype=torch.float64))
+    images = [_two_channel(0.4, 0.6, gt[0])] + [_two_channel(0.9, 0.4, gt[0])] * 2
+    whole = cas.channel_contrast(torch.cat(images), gt.repeat(3, 1, 1))
+    torch.testing.assert_close(rank0 + rank1, whole)  # contrasts are additive over images
+
+    method = _cas_method()
+    method._contrast = rank0.clone()
+    assert method.choose_salient_channel() == (0, pytest.approx(0.2))  # single process: its own data
+    assert float(method._contrast.abs().sum()) == 0  # reset for the next epoch
+
+    def all_reduce(t, op=None):  # what the other rank contributes to the sum
+        assert op == cas.dist.ReduceOp.SUM
+        t += rank1.to(t)
+
+    monkeypatch.setattr(cas.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(cas.dist, "all_reduce", all_reduce)
+    method._contrast = rank0.clone()
+    channel, contrast = method.choose_salient_channel()
+    assert channel == 1 and contrast == pytest.approx(0.8)
+    assert int(method.salient_channel) == 1
+    assert torch.equal(method._contrast, torch.zeros(2, dtype=torch.float64))
+
+
+def test_adaptive_saliency_map_binarises_at_twice_the_mean():
+    from segexp.methods.cas import adaptive_binary
+
+    p = torch.tensor([0.1, 0.1, 0.4, 0.6]).view(1, 1, 2, 2)  # mean 0.3 -> threshold 0.6
+    assert adaptive_binary(p).flatten().tolist() == [0, 0, 0, 1]
+    assert adaptive_binary(torch.full((1, 1, 2, 2), 0.9)).sum() == 0  # threshold capped at 1
+    method = _cas_method(saliency_map="adaptive", salient_channel=0)
+    sal = method.saliency(torch.randn(2, 3, 8, 8))
+    assert sal.shape == (2, 1, 8, 8) and set(sal.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="saliency_map"):
+        _cas_method(saliency_map="argmax")
+
+
 # ----------------------------------------------------------------------------- end to end
 
 def constant_baseline(cfg) -> dict[str, float]:
@@ -150,18 +209,20 @@ def constant_baseline(cfg) -> dict[str, float]:
 
 
 def train_short(name: str, data_dir, out_dir, extra=()) -> tuple[dict, dict]:
+    """Train experiment ``name`` as configured (its own data size and budget: a few minutes on
+    one core) and return its metrics and the constant-map baseline of its test split."""
     from segexp.runner import train
-    from tests.conftest import SMALL_SYNTH, compose
+    from tests.conftest import compose
 
-    cfg = compose([f"+experiment={name}", *SMALL_SYNTH, f"paths.data_dir={data_dir}", "data.num_workers=0",
-                   "data.batch_size=8", "data.eval_batch_size=8", "trainer.num_sanity_val_steps=0",
-                   "trainer.enable_model_summary=false", *extra], out_dir=out_dir)
+    cfg = compose([f"+experiment={name}", f"paths.data_dir={data_dir}", "data.num_workers=0",
+                   "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false",
+                   "callbacks.progress_bar.refresh_rate=1000", *extra], out_dir=out_dir)
     return train(cfg), constant_baseline(cfg)
 
 
 @pytest.mark.slow
 def test_cas_trains_on_shapes_sod_and_beats_a_constant_map(data_dir, tmp_path):
-    metrics, const = train_short("cas_shapes_sod", data_dir, tmp_path, ["schedule.epochs=6"])
+    metrics, const = train_short("cas_shapes_sod", data_dir, tmp_path)
     print("CAS", {k: metrics[f"test/{k}"] for k in ("MAE", "S")}, "constant", const)
     assert metrics["test/MAE"] < const["MAE"]
     assert metrics["test/S"] > const["S"]

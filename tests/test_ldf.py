@@ -123,7 +123,7 @@ def test_triangular_schedule():
 def test_ldf_trains_on_shapes_sod_and_beats_a_constant_map(data_dir, tmp_path):
     from tests.test_cas import train_short
 
-    metrics, const = train_short("ldf_shapes_sod", data_dir, tmp_path, ["schedule.epochs=6"])
+    metrics, const = train_short("ldf_shapes_sod", data_dir, tmp_path)
     print("LDF", {k: metrics[f"test/{k}"] for k in ("MAE", "S")}, "constant", const)
     assert metrics["test/MAE"] < const["MAE"]
     assert metrics["test/S"] > const["S"]

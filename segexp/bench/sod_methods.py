@@ -10,7 +10,10 @@ The reference is the bare backbone (the same ``Backbone``, same stride) forward 
 sum of its features + optimizer step at the same size: the method's overhead over its backbone
 is the ratio of the two. ``--quick``: ResNet-18 for both, batch 2, 2 timed steps.
 
-``main(argv)`` prints a table and returns ``{name: images_per_s}``.
+``main(argv)`` prints a table and returns ``{name: images_per_s}``. Sizes other than the defaults
+(``--batch``, ``--steps``, ``--threads``): ``python -m segexp.bench.sod_methods ...``; the generic
+``python -m segexp.bench sod_methods`` passes ``--quick`` only. Measured numbers:
+``experiments/cas_lfd_shapes/results.md`` and ``experiments/ldf_shapes/results.md``.
 """
 
 from __future__ import annotations
