@@ -4,6 +4,10 @@ Training batch: ``image``, the GrabCut pseudo mask (``pseudo``, from the stage c
 :class:`segexp.data.pseudo_labels.PseudoLabels`; or the GT ``mask`` in the fully-supervised
 setting, ``target_key: mask``) and the boxes (``boxes``, ``box_labels``, ``box_difficult``) after
 augmentation, rasterised here into B(i, c) (:func:`segexp.losses.box2seg.box_masks`).
+The Box2Seg experiments set
+``data.min_box_visibility: 0``: a box the crop leaves less than 10% visible would otherwise be
+dropped by the transform and its visible pixels would count as certain background (B(i, 0), L_bg)
+while the GrabCut mask calls them object.
 
 Phases (one run): the first ``pretrain_epochs`` epochs train the embeddings only (their
 affinities agree with GrabCut same-label pairs: loss term ``pretrain``); then every main-phase
