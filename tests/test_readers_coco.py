@@ -167,3 +167,14 @@ def test_coco_config_with_a_category_map(tmp_path):
     reader = reader_from_config("coco", tmp_path, "train", keys=["mask"], overrides=overrides)
     assert isinstance(reader, COCOInstances) and len(reader) == 3
     assert set(np.unique(reader[2]["mask"]).tolist()) == {0, 3}
+
+
+def test_ids_and_image_paths_follow_the_stage_protocol(coco):
+    """Stages (CAM export, CRF, ...) key caches by ``reader.ids`` and hash ``image_path(id)``."""
+    from segexp.postprocess.stage import image_inputs_key
+
+    root, _ = coco
+    reader = COCOInstances(root, "val2017")
+    assert reader.ids == ["1", "2", "42"] == [reader[i]["meta"]["id"] for i in range(3)]
+    assert all(reader.image_path(i).is_file() for i in reader.ids)
+    assert image_inputs_key(reader, 0) != image_inputs_key(reader, 1)

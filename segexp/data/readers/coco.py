@@ -192,11 +192,16 @@ class COCOInstances(Reader):
         self.images = self.index.images
         if skip_empty:
             self.images = [im for im in self.images if self._has_objects(im)]
+        # image ids (as in meta["id"]): what stages key their caches by, as with VOC's ids
+        self.ids = [str(im["id"]) for im in self.images]
+        self._info_by_id = dict(zip(self.ids, self.images))
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def image_path(self, info: Mapping[str, Any]) -> Path:
+    def image_path(self, image: str | Mapping[str, Any]) -> Path:
+        """Path of an image given by id (``self.ids``) or by its JSON record."""
+        info = image if isinstance(image, Mapping) else self._info_by_id[image]
         return self.image_dir / str(info["file_name"])
 
     def _objects(self, info: Mapping[str, Any]) -> list[tuple[dict[str, Any], int]]:
