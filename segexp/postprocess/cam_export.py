@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -175,27 +174,9 @@ class CAMStage(CachedStage):
 
         reader = self.stage_reader(reader)
         cache = self.cache_for(reader)
+        report = {**self.fill_in_process(reader, cache, rank, world_size), "settings": cache.settings}
         keys = self.keys(reader)
-        todo = cache.missing(keys, keys, rank=rank, world_size=world_size)
         index = {image_id: i for i, image_id in enumerate(reader.ids)}
-        t0 = time.perf_counter()
-        for n, image_id in enumerate(todo):
-            cache.put(image_id, keys[image_id], self.compute(reader[index[image_id]]))
-            if self.progress and (n + 1) % max(1, len(todo) // 10) == 0:
-                log.info("%s: %d/%d CAMs exported", self.name, n + 1, len(todo))
-        seconds = time.perf_counter() - t0
-        report: dict[str, Any] = {
-            "stage": self.name,
-            "split": getattr(reader, "split", None),
-            "images": len(keys),
-            "computed": len(todo),
-            "reused": len(keys) - len(todo),
-            "seconds": round(seconds, 3),
-            "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
-            "processes": 1,
-            "cache_dir": str(cache.dir),
-            "settings": cache.settings,
-        }
         if evaluate:
             num_classes = int(getattr(reader, "num_classes", 0))
             curve = CAMThresholdCurve(num_classes=num_classes, thresholds=self.thresholds)

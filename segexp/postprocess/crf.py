@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,32 +30,39 @@ from segexp.postprocess.stage import CachedStage, confusion, image_inputs_key, i
 
 log = logging.getLogger(__name__)
 
-__all__ = ["crf_inference", "cam_crf_scores", "CRFStage"]
+__all__ = ["CRFKernels", "crf_inference", "cam_crf_scores", "CRFStage"]
+
+
+@dataclass(frozen=True)
+class CRFKernels:
+    """Dense-CRF kernels and iterations of psa / SEAM ``imutils.crf_inference`` (common.md): the one
+    place their defaults live (``conf/stage/crf.yaml`` repeats them as config)."""
+
+    iterations: int = 10
+    gauss_sxy: float = 3
+    gauss_compat: float = 3
+    bi_sxy: float = 80
+    bi_srgb: float = 13
+    bi_compat: float = 10
 
 
 def crf_inference(
-    image: np.ndarray,
-    probs: np.ndarray,
-    iterations: int = 10,
-    gauss_sxy: float = 3,
-    gauss_compat: float = 3,
-    bi_sxy: float = 80,
-    bi_srgb: float = 13,
-    bi_compat: float = 10,
-    scale_factor: float = 1.0,
+    image: np.ndarray, probs: np.ndarray, scale_factor: float = 1.0, **kernels: Any
 ) -> np.ndarray:
-    """Mean-field dense CRF. ``image`` uint8 HxWx3, ``probs`` (C, H, W) scores; returns Q (C, H, W)."""
+    """Mean-field dense CRF. ``image`` uint8 HxWx3, ``probs`` (C, H, W) scores; returns Q (C, H, W).
+    ``kernels``: fields of :class:`CRFKernels` (an unknown name is a TypeError naming it)."""
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_softmax
 
     c, h, w = probs.shape
     d = dcrf.DenseCRF2D(w, h, c)
     d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
-    d.addPairwiseGaussian(sxy=gauss_sxy / scale_factor, compat=gauss_compat)
+    k = CRFKernels(**kernels)
+    d.addPairwiseGaussian(sxy=k.gauss_sxy / scale_factor, compat=k.gauss_compat)
     d.addPairwiseBilateral(
-        sxy=bi_sxy / scale_factor, srgb=bi_srgb, rgbim=np.ascontiguousarray(image), compat=bi_compat
+        sxy=k.bi_sxy / scale_factor, srgb=k.bi_srgb, rgbim=np.ascontiguousarray(image), compat=k.bi_compat
     )
-    return np.asarray(d.inference(int(iterations)), dtype=np.float32).reshape(c, h, w)
+    return np.asarray(d.inference(int(k.iterations)), dtype=np.float32).reshape(c, h, w)
 
 
 def cam_crf_scores(
@@ -112,30 +120,19 @@ class CRFStage(CachedStage):
         bg_mode: str = "power",
         alpha: float = 4.0,
         bg_threshold: float = 0.26,
-        iterations: int = 10,
-        gauss_sxy: float = 3,
-        gauss_compat: float = 3,
-        bi_sxy: float = 80,
-        bi_srgb: float = 13,
-        bi_compat: float = 10,
         cache_dir: str | os.PathLike = "stage_cache",
         workers: int | None = None,
         progress: bool = True,
         version: int = 1,
+        **kernels: Any,
     ):
+        """``kernels``: the :class:`CRFKernels` fields (iterations, gauss_sxy, ...), defaults there."""
         self.cam_stage = cam_stage
         self.name = name
         self.bg_mode = bg_mode
         self.alpha = float(alpha)
         self.bg_threshold = float(bg_threshold)
-        self.crf = dict(
-            iterations=int(iterations),
-            gauss_sxy=gauss_sxy,
-            gauss_compat=gauss_compat,
-            bi_sxy=bi_sxy,
-            bi_srgb=bi_srgb,
-            bi_compat=bi_compat,
-        )
+        self.crf = asdict(CRFKernels(**kernels))
         self.cache_dir = Path(cache_dir)
         self.workers = workers
         self.progress = progress

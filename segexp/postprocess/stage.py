@@ -8,6 +8,8 @@ A stage sets ``name``, ``cache_dir`` and ``version`` and implements ``settings()
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from segexp.data.cache import StageCache, file_key
+
+log = logging.getLogger(__name__)
 
 
 def reader_root(reader: Any) -> str:
@@ -74,6 +78,32 @@ class CachedStage:
 
     def keys(self, reader: Any) -> dict[str, str]:
         return {reader.ids[i]: self.inputs_key(reader, i) for i in range(len(reader))}
+
+    def fill_in_process(
+        self, reader: Any, cache: StageCache, rank: int = 0, world_size: int = 1, **put: Any
+    ) -> dict[str, Any]:
+        """Compute this rank's missing entries one by one in this process (stages that run a network
+        keep it here) with ``self.compute(sample)``; returns the report fields every stage shares."""
+        keys = self.keys(reader)
+        todo = cache.missing(keys, keys, rank=rank, world_size=world_size)
+        index = {image_id: i for i, image_id in enumerate(reader.ids)}
+        t0 = time.perf_counter()
+        for n, image_id in enumerate(todo):
+            cache.put(image_id, keys[image_id], self.compute(reader[index[image_id]]), **put)
+            if getattr(self, "progress", False) and (n + 1) % max(1, len(todo) // 10) == 0:
+                log.info("%s: %d/%d computed", self.name, n + 1, len(todo))
+        seconds = time.perf_counter() - t0
+        return {
+            "stage": self.name,
+            "split": getattr(reader, "split", None),
+            "images": len(keys),
+            "computed": len(todo),
+            "reused": len(keys) - len(todo),
+            "seconds": round(seconds, 3),
+            "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
+            "processes": 1,
+            "cache_dir": str(cache.dir),
+        }
 
     def missing(self, reader: Any, rank: int = 0, world_size: int = 1) -> list[str]:
         keys = self.keys(reader)

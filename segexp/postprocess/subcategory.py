@@ -193,25 +193,7 @@ class FeatureStage(CachedStage):
     def run(self, reader: Any, evaluate: bool = False, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
         """Extract the missing features of this rank's share; report images/s."""
         reader = image_label_reader(reader)
-        cache = self.cache_for(reader)
-        keys = self.keys(reader)
-        todo = cache.missing(keys, keys, rank=rank, world_size=world_size)
-        index = {image_id: i for i, image_id in enumerate(reader.ids)}
-        t0 = time.perf_counter()
-        for n, image_id in enumerate(todo):
-            cache.put(image_id, keys[image_id], self.compute(reader[index[image_id]]), compress=False)
-            if self.progress and (n + 1) % max(1, len(todo) // 10) == 0:
-                log.info("%s: %d/%d features", self.name, n + 1, len(todo))
-        seconds = time.perf_counter() - t0
-        return {
-            "stage": self.name,
-            "images": len(keys),
-            "computed": len(todo),
-            "reused": len(keys) - len(todo),
-            "seconds": round(seconds, 3),
-            "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
-            "cache_dir": str(cache.dir),
-        }
+        return self.fill_in_process(reader, self.cache_for(reader), rank, world_size, compress=False)
 
     def load_all(self, reader: Any) -> tuple[np.ndarray, np.ndarray]:
         """Features (N, D) and labels (N, C) of every image, in ``reader.ids`` order."""
