@@ -301,6 +301,8 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
         "best_threshold",
         "best_mIoU",
         "mIoU_at_threshold",
+        "fscore_at_best_threshold",
+        "fscore_at_threshold",
         "scored_images",
         "cache_dir",
         "seconds_per_image",

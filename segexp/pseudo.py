@@ -109,6 +109,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"CAM mIoU {100 * report['best_mIoU']:.2f} at background threshold {report['best_threshold']:.2f}"
             f" (best on this split; {report['scored_images']} images with GT)"
         )
+        if report.get("fscore_at_best_threshold") is not None:
+            lines.append(f"CAM F-score {100 * report['fscore_at_best_threshold']:.2f} at that threshold")
     return "\n".join(lines)
 
 

@@ -17,7 +17,8 @@ in the same directory never overwrite each other): finished rounds are skipped, 
 resumes, and round 0 is shared by pipelines whose round-0 network is the same (e.g. a K sweep).
 Features and clusterings live in the stage cache. With ``evaluate_rounds`` each round's multi-scale
 CAMs are exported and scored on the train split (the paper's Table 2 protocol; the last round's
-export is the pipeline's stage 2, reused from the cache); the per-round report goes to
+export is the pipeline's stage 2, reused from the cache; mIoU and F-score at the best threshold and
+at the method's ``bg_threshold``); the per-round report goes to
 ``<dir>/rounds_report.json`` and ``report["rounds"]``.
 """
 
@@ -99,7 +100,8 @@ def _checkpoint(record: dict[str, Any], which: str) -> str:
 
 
 def _evaluate(context: PipelineContext, method: dict[str, Any], ckpt: str) -> dict[str, Any]:
-    """Multi-scale CAM export of one round's network on the train split, scored over the curve."""
+    """Multi-scale CAM export of one round's network on the train split, scored over the curve
+    (mIoU and F-score, as the paper's Table 2)."""
     import hydra
 
     from segexp.pipeline import train_reader
@@ -109,7 +111,15 @@ def _evaluate(context: PipelineContext, method: dict[str, Any], ckpt: str) -> di
     cam_cfg = container(context.cfg.pipeline.stages.cam)
     cam_cfg.update(method=method, ckpt_path=ckpt)
     report = hydra.utils.instantiate(cam_cfg).run(context.reader, evaluate=True)
-    keep = ("best_mIoU", "best_threshold", "mIoU_at_threshold", "computed", "seconds")
+    keep = (
+        "best_mIoU",
+        "best_threshold",
+        "mIoU_at_threshold",
+        "fscore_at_best_threshold",
+        "fscore_at_threshold",
+        "computed",
+        "seconds",
+    )
     return {k: report[k] for k in keep if k in report}
 
 

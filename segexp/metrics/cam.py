@@ -11,6 +11,10 @@ array does), and mIoU is computed from the confusion matrix with the VOC rules o
 ``eval.py`` and FBR do; the resulting "best mIoU" is therefore optimistic. Report it as such, or
 fix ``t`` on a held-out split and read the curve at that ``t``.
 
+Next to mIoU the curve gives the mean per-class F-score (:mod:`segexp.metrics.fscore`, same classes)
+at every threshold; ``best_fscore`` is the F-score at the best-mIoU threshold, not the curve's
+maximum F, so the two numbers describe one labelling (SC-CAM's Table 2 pairs them that way).
+
 Single pass: a pixel with max CAM ``m`` and arg-max class ``k`` predicts ``k + 1`` for every
 ``t < m`` and background otherwise, so one ``bincount`` over (number of thresholds below ``m``,
 GT, ``k + 1``) plus cumulative sums gives the exact confusion matrix at every threshold.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from segexp.metrics.fscore import mean_f1
 from segexp.metrics.semantic import scores_from_confusion
 
 __all__ = ["CAMThresholdCurve", "cam_confusion_curve", "max_normalise", "DEFAULT_THRESHOLDS"]
@@ -68,9 +73,10 @@ class CAMThresholdCurve(Metric):
 
     ``update(cams, target)``: CAMs (B,K,H,W) in [0,1] (see :func:`max_normalise`), target
     (B,H,W) with classes 0..K (0 = background). ``compute()`` returns ``thresholds``, ``miou``
-    (per threshold), ``best_threshold``, ``best_mIoU`` and the full scores at the best threshold
-    (``best`` -- see :func:`segexp.metrics.semantic.scores_from_confusion`). The best threshold is
-    picked on the evaluated data itself (see the module docstring).
+    (per threshold), ``fscore`` (mean per-class F1 per threshold), ``best_threshold``, ``best_mIoU``,
+    ``best_fscore`` (F at that threshold) and the full scores at the best threshold (``best`` -- see
+    :func:`segexp.metrics.semantic.scores_from_confusion`). The best threshold is picked on the
+    evaluated data itself (see the module docstring).
     """
 
     is_differentiable = False
@@ -97,18 +103,23 @@ class CAMThresholdCurve(Metric):
     def compute(self) -> dict:
         results = [scores_from_confusion(cm) for cm in self.confmats]
         miou = torch.tensor([r["mIoU"] for r in results], dtype=torch.float64)
+        fscore = torch.tensor([mean_f1(cm) for cm in self.confmats], dtype=torch.float64)
         best = int(torch.nan_to_num(miou, nan=-1.0).argmax())
         return {
             "thresholds": self.thresholds.clone(),
             "miou": miou,
+            "fscore": fscore,
             "best_threshold": float(self.thresholds[best]),
             "best_mIoU": float(miou[best]),
+            "best_fscore": float(fscore[best]),
             "best": results[best],
         }
 
     def at(self, threshold: float) -> dict:
-        """Scores at one of the configured thresholds (e.g. one fixed on a held-out split)."""
+        """Scores (and ``fscore``) at one of the configured thresholds (e.g. one fixed on a held-out
+        split)."""
         hit = (self.thresholds - threshold).abs() < 1e-9
         if not bool(hit.any()):
             raise KeyError(f"threshold {threshold} is not on the curve")
-        return scores_from_confusion(self.confmats[int(hit.nonzero()[0])])
+        cm = self.confmats[int(hit.nonzero()[0])]
+        return {**scores_from_confusion(cm), "fscore": mean_f1(cm)}

@@ -200,14 +200,20 @@ class CAMStage(CachedStage):
                 report["curve"] = {
                     f"{t:.2f}": float(m) for t, m in zip(res["thresholds"].tolist(), res["miou"].tolist())
                 }
+                report["fscore_curve"] = {
+                    f"{t:.2f}": float(f) for t, f in zip(res["thresholds"].tolist(), res["fscore"].tolist())
+                }
                 report["best_threshold"] = res["best_threshold"]
                 report["best_mIoU"] = res["best_mIoU"]
+                report["fscore_at_best_threshold"] = res["best_fscore"]
                 if at is not None:
                     report["mIoU_at_threshold"] = float(at["mIoU"])
+                    report["fscore_at_threshold"] = at["fscore"]
                 log.info(
-                    "%s: CAM mIoU best %.4f at t=%.2f (t chosen on this split)",
+                    "%s: CAM mIoU best %.4f (F-score %.4f) at t=%.2f (t chosen on this split)",
                     self.name,
                     res["best_mIoU"],
+                    res["best_fscore"],
                     res["best_threshold"],
                 )
         return report
