@@ -79,7 +79,19 @@ def _voc_fixture_from_synthetic(data_dir: Path) -> Path:
             for i, name in enumerate(CLASS_NAMES[1:], 1):
                 text = text.replace(f"<name>{name}</name>", f"<name>{VOC_CLASSES[i]}</name>")
             xml.write_text(text)
+        _write_saliency_from_masks(voc / "SegmentationClass", voc / "SALImages")
     return dst
+
+
+def _write_saliency_from_masks(mask_dir: Path, out_dir: Path) -> None:
+    """EPS/PPC-style saliency PNGs (255 = salient) from class masks: object = not background."""
+    import numpy as np
+    from PIL import Image
+
+    out_dir.mkdir()
+    for mask in mask_dir.glob("*.png"):
+        sal = np.where(np.asarray(Image.open(mask)) != 0, 255, 0).astype(np.uint8)
+        Image.fromarray(sal).save(out_dir / mask.name)
 
 
 def _duts_fixture_from_synthetic(data_dir: Path) -> Path:
@@ -101,6 +113,8 @@ def _coco_fixture_from_synthetic(data_dir: Path) -> Path:
     generator's category ids 1..5 then stand for the first five COCO classes."""
     import json
 
+    from PIL import Image
+
     from segexp.data.synth import ensure_synthetic
 
     coco_ids = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
@@ -116,6 +130,9 @@ def _coco_fixture_from_synthetic(data_dir: Path) -> Path:
             ann = json.loads((synth / "coco" / "annotations" / f"instances_{split}.json").read_text())
             ann["categories"] = [{"id": i, "name": n, "supercategory": "x"} for i, n in zip(coco_ids, names)]
             (coco / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(ann))
+        (coco / "SALImages").mkdir()  # saliency for FBR's I+S setting: all-background maps will do here
+        for image in (coco / "train2017").iterdir():
+            Image.new("L", Image.open(image).size).save(coco / "SALImages" / f"{image.stem}.png")
     return dst
 
 

@@ -5,8 +5,9 @@
   ``KMeans`` called once per image as released (``n_init=1``, the >= 1.4 "auto" default for
   k-means++, and ``n_init=10``, the older default), with the inertia of both (quality check).
   Target: the clustering must not dominate an FBR step.
-* FBR step overhead: one training step (forward + backward) of ``method=fbr`` vs the same step with
-  every FBR weight 0 (the SEAM base) on a ResNet-18 CAM network (CPU, random init).
+* FBR step overhead: one training step (forward + backward) of ``method=fbr`` / ``method=fbr_ppc``
+  vs the same step with every FBR weight 0 (the SEAM / PPC base) on a ResNet-18 CAM network (CPU,
+  random init).
 """
 
 from __future__ import annotations
@@ -67,16 +68,24 @@ def bench_kmeans(n: int, grid: int, dim: int = 128, k: int = 8, repeats: int = 3
 
 
 def bench_step(batch: int, size: int, steps: int) -> dict:
-    from segexp.methods.fbr import FBR
+    """One step of each base without / with FBR (``*_base`` rows: every FBR weight 0)."""
+    from segexp.methods.fbr import FBR, FBRPPC
     from segexp.models.backbone import Backbone
     from segexp.models.fbr import FBRNet
 
     out = {"step_setting": f"ResNet-18 OS8, batch {batch}, {size} px, 6 classes, mean of {steps} steps"}
     off = {"sim": 0.0, "bg_seg": 0.0, "nroi": 0.0, "fg": 0.0}
-    for name, weights in (("seam_base", off), ("fbr", {}), ("fbr_quirks", {})):
+    rows = (
+        ("seam_base", FBR, off, {}),
+        ("fbr", FBR, {}, {}),
+        ("fbr_quirks", FBR, {}, {}),
+        ("ppc_base", FBRPPC, off, {"view_size": max(16, size * 2 // 7)}),  # released 128 / 448
+        ("fbr_ppc", FBRPPC, {}, {"view_size": max(16, size * 2 // 7)}),
+    )
+    for name, cls, weights, extra in rows:
         torch.manual_seed(0)
         net = FBRNet(Backbone("resnet18", output_stride=8), num_classes=6, background_first=True, pcm={})
-        m = FBR(
+        m = cls(
             model=net,
             num_classes=6,
             class_names=[str(i) for i in range(6)],
@@ -84,11 +93,12 @@ def bench_step(batch: int, size: int, steps: int) -> dict:
             weights=weights,
             official_quirks=name == "fbr_quirks",
             contrast_size=size // 8,
+            **extra,
         ).train()
         x = torch.randn(batch, 3, size, size)
         labels = (torch.rand(batch, 5) < 0.4).float()
         labels[:, 0] = 1
-        b = {"image": x, "labels": labels}
+        b = {"image": x, "labels": labels, "saliency": torch.rand(batch, size, size)}
         sum(m.compute_losses(b).values()).backward()  # warm-up
         t0 = time.perf_counter()
         for _ in range(steps):

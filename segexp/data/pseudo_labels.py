@@ -85,18 +85,21 @@ class PseudoLabels(Dataset):
             raise AttributeError(name)
         return getattr(self.reader, name)
 
+    #: dtype of the cached map in the sample (class indices here; float maps in subclasses)
+    dtype: ClassVar[type] = np.uint8
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.reader[index]
         image_id = self.reader.ids[index]
-        mask = self.stage.get(self.reader, index)
-        if mask is None:
+        value = self.stage.get(self.reader, index)
+        if value is None:
             raise RuntimeError(
-                f"{self.stage.name} mask of {image_id!r} is missing or stale in {self.cache.dir}"
+                f"{self.stage.name} {self.key} of {image_id!r} is missing or stale in {self.cache.dir}"
             )
-        if mask.shape != sample["image"].shape[:2]:
+        if value.shape != sample["image"].shape[:2]:
             raise RuntimeError(
-                f"{self.stage.name} mask of {image_id!r} has shape {mask.shape}, "
+                f"{self.stage.name} {self.key} of {image_id!r} has shape {value.shape}, "
                 f"image {sample['image'].shape[:2]}"
             )
-        sample[self.key] = np.asarray(mask, dtype=np.uint8)
+        sample[self.key] = np.asarray(value, dtype=self.dtype)
         return sample

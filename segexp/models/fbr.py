@@ -2,7 +2,9 @@
 
 * :class:`FBRHeads` - ``proj_fg`` (1x1 -> 128, ReLU) and ``proj_bg`` (1x1 -> 128), whose ReLU'd
   output is the NROI feature and whose BN (w=1, b=1e-4) + ReLU + Dropout(0.5) output feeds the 1x1
-  background classifier (``XuYin94/FBR : network/resnet38_contrast.py:12-19,45-56``).
+  background classifier (``XuYin94/FBR : network/resnet38_contrast.py:12-19,45-56``). With
+  ``background=False`` only ``proj_fg``: the PPC base (``method=ppc``) contrasts its features
+  without FBR's background branch.
 * :class:`NROIBank` - the FIFO bank of NROI centroids as *buffers*, so it lives on the model's device
   (the released bank is a CPU tensor copied to the GPU every step) and is saved in checkpoints; it is
   bounded (a ring of ``size`` rows) and samples uniformly with replacement.
@@ -30,9 +32,12 @@ class FBRHeads(nn.Module):
     partner of ``f_proj``) and ``bg_logit`` (1 channel, from Dropout(b_feat)).
     """
 
-    def __init__(self, in_channels: int, dim: int = 128, dropout: float = 0.5):
+    def __init__(self, in_channels: int, dim: int = 128, dropout: float = 0.5, background: bool = True):
         super().__init__()
         self.proj_fg = nn.Conv2d(in_channels, dim, 1)
+        self.background = bool(background)
+        if not self.background:
+            return
         self.proj_bg = nn.Conv2d(in_channels, dim, 1)
         self.bg_bn = nn.BatchNorm2d(dim)
         nn.init.constant_(self.bg_bn.weight, 1.0)
@@ -42,6 +47,8 @@ class FBRHeads(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         f_proj = torch.relu(self.proj_fg(x))
+        if not self.background:
+            return {"f_proj": f_proj}
         bg = self.proj_bg(x)
         b_feat = torch.relu(self.bg_bn(bg))
         return {
@@ -107,7 +114,7 @@ class NROIBank(nn.Module):
 
 
 class FBRNet(CAMNet):
-    """A CAMNet (with PCM for the SEAM base) + :class:`FBRHeads` on the deepest backbone map.
+    """A CAMNet (with PCM for the SEAM/PPC bases) + :class:`FBRHeads` on the deepest backbone map.
 
     ``forward`` returns CAMNet's outputs plus those of the heads on its deepest ``features``.
     """

@@ -1,0 +1,171 @@
+"""PPC base losses (EPS + PCM + prototype contrast; Lee et al. CVPR 2021 / Du et al. CVPR 2022) as
+the FBR release runs them (``XuYin94/FBR : eps.py, util/imutils.py, module/train.py``): pure tensors.
+
+Layout: every 1+K channel map has the **background in channel 0** (segexp's convention, as in
+SEAM). The release keeps it last (channel 20); each function says where that matters.
+
+* :func:`thresholded_avg_pool` / :func:`tap_logits` - Thresholded Average Pooling: per feature
+  channel keep the values above ``threshold`` x its spatial max and average the kept positions,
+  then the 1x1 classifier (``ThresholdedAvgPool2d``, threshold 0.10).
+* :func:`eps_saliency_prediction` / :func:`eps_saliency_loss` - EPS: the saliency predicted from
+  the softmax of the CAM; present classes whose (rounded) map overlaps the (rounded) saliency by
+  more than ``tau`` are foreground, the background channel and the other present classes are
+  background; ``alpha * fg + (1 - alpha) * (1 - bg)`` is compared with the saliency map by MSE.
+* :func:`contrast_grid` - one view on the contrast grid: projected features, pseudo labels and
+  prototypes (the functions of :mod:`segexp.losses.fbr`, shared with FBR).
+* :func:`prototype_nce` / :func:`ppc_contrast_losses` - PPC's cross-view and intra-view
+  pixel-to-prototype contrast (temperature 0.1, softmax over all 1+K prototypes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from segexp.losses.fbr import class_prototypes, contrast_pseudo_labels
+
+__all__ = [
+    "thresholded_avg_pool",
+    "tap_logits",
+    "eps_saliency_prediction",
+    "eps_saliency_loss",
+    "ContrastGrid",
+    "contrast_grid",
+    "prototype_nce",
+    "ppc_contrast_losses",
+]
+
+
+# -- classification: thresholded average pooling ---------------------------------------------------
+def thresholded_avg_pool(feats: torch.Tensor, threshold: float = 0.10) -> torch.Tensor:
+    """(N, C) from (N, C, h, w): per channel the mean of the values ``> threshold * max`` (values
+    that are not positive do not count; a channel with no kept value gives 0)."""
+    flat = feats.flatten(2)
+    cut = flat.amax(-1, keepdim=True) * threshold
+    kept = torch.where(flat > cut, flat, torch.zeros_like(flat))
+    count = (kept > 0).sum(-1).clamp(min=1)
+    return kept.sum(-1) / count
+
+
+def tap_logits(feats: torch.Tensor, weight: torch.Tensor, threshold: float = 0.10) -> torch.Tensor:
+    """Image logits (N, K_out) = 1x1 classifier ``weight`` (K_out, C[, 1, 1]) applied to the TAP
+    vector of ``feats``: linear, so equal to summing the classifier's map of the averaged features."""
+    return thresholded_avg_pool(feats, threshold) @ weight.flatten(1).T
+
+
+# -- EPS saliency loss ------------------------------------------------------------------------------
+def eps_saliency_prediction(
+    cam: torch.Tensor, saliency: torch.Tensor, labels: torch.Tensor, tau: float = 0.4, alpha: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Saliency predicted from ``cam`` (N, 1+K, h, w; background channel 0) and the target resized
+    to the CAM grid (nearest, as released). ``saliency`` (N, H, W) or (N, 1, H, W) in [0, 1];
+    ``labels`` (N, K). Returns ``(prediction, target)``, both (N, 1, h, w).
+
+    Overlap of class c (no gradient): ``sum(round(p_c) * round(S)) / (sum(round(p_c)) + 1e-4 h w)``
+    (the release adds 1e-4 to every pixel before summing). Present classes above ``tau`` form the
+    foreground map; the background channel plus the present classes at or below ``tau`` the
+    background map; absent classes take part in neither (only in the softmax)."""
+    if saliency.dim() == 3:
+        saliency = saliency[:, None]
+    h, w = cam.shape[-2:]
+    target = F.interpolate(saliency.to(cam.dtype), size=(h, w), mode="nearest")
+    probs = F.softmax(cam, 1)
+    fg = probs[:, 1:]
+    with torch.no_grad():
+        hard = fg.detach().round()
+        overlap = (hard * target.round()).flatten(2).sum(-1) / (hard.flatten(2).sum(-1) + 1e-4 * h * w)
+        present = labels.to(torch.bool)
+        fg_sel = (present & (overlap > tau)).to(cam.dtype)[..., None, None]
+        bg_sel = (present & (overlap <= tau)).to(cam.dtype)[..., None, None]
+    fg_map = (fg * fg_sel).sum(1, keepdim=True)
+    bg_map = 1.0 - (probs[:, :1] + (fg * bg_sel).sum(1, keepdim=True))
+    return alpha * fg_map + (1.0 - alpha) * bg_map, target
+
+
+def eps_saliency_loss(
+    cam: torch.Tensor, saliency: torch.Tensor, labels: torch.Tensor, tau: float = 0.4, alpha: float = 0.5
+) -> torch.Tensor:
+    """MSE between :func:`eps_saliency_prediction` and the saliency map (``eps.py:get_eps_loss``)."""
+    pred, target = eps_saliency_prediction(cam, saliency, labels, tau, alpha)
+    return F.mse_loss(pred, target)
+
+
+# -- prototype contrast -----------------------------------------------------------------------------
+@dataclass
+class ContrastGrid:
+    """One view on the contrast grid. ``f_proj`` (N, D, s, s) keeps its gradient; the rest is
+    detached: ``scores``/``probs`` (N, 1+K, s, s), ``pseudo`` (N, s, s), ``prototypes`` (1+K, D)
+    L2-normalised; ``b_proj`` (NROI features) when the model has FBR's background branch."""
+
+    f_proj: torch.Tensor
+    scores: torch.Tensor
+    probs: torch.Tensor
+    pseudo: torch.Tensor
+    prototypes: torch.Tensor
+    b_proj: torch.Tensor | None = None
+
+
+def contrast_grid(
+    out: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    size: int = 16,
+    bg_score: float = 0.10,
+    top_fraction: float = 1 / 16,
+) -> ContrastGrid:
+    """Resize ``f_proj`` / ``b_proj`` / the PCM output ``cam_rv`` of a view to ``size`` x ``size``
+    (bilinear, align_corners) and derive pseudo labels and prototypes (``get_contrast_loss``)."""
+
+    def grid(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, (size, size), mode="bilinear", align_corners=True)
+
+    f_proj = grid(out["f_proj"])
+    scores, probs, pseudo = contrast_pseudo_labels(grid(out["cam_rv"]), labels, bg_score)
+    return ContrastGrid(
+        f_proj=f_proj,
+        scores=scores,
+        probs=probs,
+        pseudo=pseudo,
+        prototypes=class_prototypes(f_proj, scores, top_fraction),
+        b_proj=grid(out["b_proj"]) if "b_proj" in out else None,
+    )
+
+
+def prototype_nce(
+    feats: torch.Tensor,
+    prototypes: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """``mean_p mask_p * -log softmax_c(f_p . P_c / T)[targets_p]`` over *all* pixels (masked ones
+    count as 0). ``feats`` (P, D) L2-normalised, ``prototypes`` (C, D) (detached here)."""
+    logits = feats @ prototypes.detach().T / temperature
+    nll = F.cross_entropy(logits, targets, reduction="none")
+    return (nll * mask.to(nll.dtype)).mean()
+
+
+def ppc_contrast_losses(
+    view1: ContrastGrid, view2: ContrastGrid, temperature: float = 0.1, bg_index: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPC's (cross-view, intra-view) terms on two spatially aligned grids (``module/train.py``):
+
+    cross = 1/2 [NCE(f1, P2, y1; y1 != bg) + NCE(f2, P1, y2; y2 != bg)],
+    intra = 1/2 [NCE(f1, P1, y2; y2 != bg) + NCE(f2, P2, y1; y1 != bg)]."""
+    if view1.f_proj.shape[-2:] != view2.f_proj.shape[-2:]:
+        raise ValueError(
+            f"contrast grids differ: {tuple(view1.f_proj.shape[-2:])} vs {tuple(view2.f_proj.shape[-2:])}"
+        )
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), dim=-1)
+
+    f1, f2 = flat(view1.f_proj), flat(view2.f_proj)
+    y1, y2 = view1.pseudo.reshape(-1), view2.pseudo.reshape(-1)
+    p1, p2 = view1.prototypes, view2.prototypes
+    m1, m2 = y1 != bg_index, y2 != bg_index
+    nce = prototype_nce
+    cross = 0.5 * (nce(f1, p2, y1, m1, temperature) + nce(f2, p1, y2, m2, temperature))
+    intra = 0.5 * (nce(f1, p1, y2, m2, temperature) + nce(f2, p2, y1, m1, temperature))
+    return cross, intra
