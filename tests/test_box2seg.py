@@ -79,6 +79,22 @@ def test_attention_fg_ce_value_gradient_and_outside_pixels():
     assert attention_fg_ce(logp.detach(), alpha.detach(), nob) == 0
 
 
+def test_attention_fg_ce_pixel_normalisation_is_a_mean_over_box_pixels():
+    b = _b()
+    logp = F.log_softmax(torch.randn(1, 3, 4, 4), 1)
+    alpha = torch.rand(1, 2, 4, 4)
+    # the 8 class-1 box pixels and the 1 class-2 pixel share one normaliser: 9 box pixels
+    ref = -((alpha[0, 0, :, :2] * logp[0, 1, :, :2]).sum() + alpha[0, 1, 3, 3] * logp[0, 2, 3, 3]) / 9
+    assert torch.allclose(attention_fg_ce(logp, alpha, b, normalise="pixels"), ref)
+    # per class, the small class-2 box weighs as much as the 8-pixel class-1 box; per pixel, 1/9
+    per_class = attention_fg_ce(logp, alpha, b, normalise="class")
+    assert not torch.allclose(per_class, ref)
+    nob = box_masks([torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)], 3, (4, 4))
+    assert attention_fg_ce(logp, alpha, nob, normalise="pixels") == 0
+    with pytest.raises(ValueError, match="normalise"):
+        attention_fg_ce(logp, alpha, b, normalise="box")
+
+
 def test_background_ce_only_outside_every_box():
     b = _b()
     logits = torch.randn(1, 3, 4, 4, requires_grad=True)

@@ -95,17 +95,30 @@ def _mean_over_present(values: torch.Tensor, present: torch.Tensor) -> torch.Ten
     return per_image[has_any].mean()
 
 
-def attention_fg_ce(log_probs: torch.Tensor, alpha: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+def attention_fg_ce(
+    log_probs: torch.Tensor, alpha: torch.Tensor, boxes: torch.Tensor, normalise: str = "class"
+) -> torch.Tensor:
     """L_fg: attention-weighted CE of the foreground classes inside their boxes.
 
     ``log_probs`` (N, L+1, H, W) log-softmax of the segmentation; ``alpha`` (N, L, H, W) attention in
     [0, 1] for classes 1..L; ``boxes`` the ``B`` of :func:`box_masks`. Pixels outside the class-c
     boxes never contribute to class c, whatever alpha or y are there.
+
+    ``normalise``: ``"class"`` divides each class's sum by its own box area |B_c| and sums over the
+    classes (the per-class reading of the equation: every present class weighs 1, however small);
+    ``"pixels"`` divides the sum over all classes by the total box area sum_c |B_c| (the reading
+    with the normaliser outside the class sum: a mean over box pixels, like L_GC's mean over pixels).
     """
     bc = boxes[:, 1:].to(log_probs.dtype)
     area = bc.flatten(2).sum(-1)  # (N, L)
-    term = -(alpha * bc * log_probs[:, 1:]).flatten(2).sum(-1) / area.clamp(min=1)
-    return _mean_over_present(term, area > 0)
+    weighted = -(alpha * bc * log_probs[:, 1:]).flatten(2).sum(-1)  # (N, L)
+    if normalise == "class":
+        return _mean_over_present(weighted / area.clamp(min=1), area > 0)
+    if normalise == "pixels":
+        total = area.sum(1)
+        keep = total > 0
+        return (weighted.sum(1)[keep] / total[keep]).mean() if keep.any() else log_probs.sum() * 0.0
+    raise ValueError(f"fg normalise must be 'class' or 'pixels', got {normalise!r}")
 
 
 def background_ce(log_probs: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -237,6 +250,7 @@ class Box2SegLoss(nn.Module):
         gamma: float = 0.8,
         ignore_index: int = 255,
         affinity: Mapping[str, Any] | None = None,
+        fg_normalise: str = "class",
     ):
         super().__init__()
         w = {"gc": 1.0, "fg": 1.0, "bg": 1.0, "fr": 10.0, "aff": 0.1, "pretrain": 1.0}
@@ -248,6 +262,9 @@ class Box2SegLoss(nn.Module):
         on.update({k: bool(v) for k, v in (enabled or {}).items()})
         self.weights = {k: (w[k] if on[k] else 0.0) for k in self.TERMS}
         self.gamma = float(gamma)
+        if fg_normalise not in ("class", "pixels"):
+            raise ValueError(f"fg_normalise must be 'class' or 'pixels', got {fg_normalise!r}")
+        self.fg_normalise = fg_normalise
         self.ignore_index = ignore_index
         aff = {"stride": 8, "max_pixels": 1024, "mapping": "clamp", "detach_embeddings": False}
         aff.update(dict(affinity or {}))
@@ -292,7 +309,7 @@ class Box2SegLoss(nn.Module):
         if self.active("fg"):
             if alpha is None:
                 raise ValueError("the fg term needs the attention head (alpha)")
-            out["fg"] = self.weights["fg"] * attention_fg_ce(log_probs, alpha, boxes)
+            out["fg"] = self.weights["fg"] * attention_fg_ce(log_probs, alpha, boxes, self.fg_normalise)
         if self.active("bg"):
             out["bg"] = self.weights["bg"] * background_ce(log_probs, boxes)
         if self.active("fr"):
