@@ -34,7 +34,8 @@ __all__ = ["CAMStage", "load_method", "image_tensor", "reader_root", "image_inpu
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 HxWx3 -> normalised float (1, 3, H, W) (ImageNet mean/std, as the DataModule does)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    # a copy: readers may hand out read-only arrays (decoded from a cache), which torch warns about
+    x = torch.tensor(np.asarray(image)).permute(2, 0, 1).float() / 255.0
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
     return ((x - mean) / std)[None]
