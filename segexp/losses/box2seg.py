@@ -236,9 +236,10 @@ class Box2SegLoss(nn.Module):
 
     Terms: ``gc`` (L_GC), ``fg`` (L_fg), ``bg`` (L_bg), ``fr`` (L_fr), ``aff`` (L_A, main phase) and
     ``pretrain`` (the embedding-pretraining L_A with the GrabCut one-hot targets). Defaults (the
-    paper's values are unknown; see ``conf/loss/box2seg.yaml`` for the reasoning): every weight 1
-    except ``fr`` 10 (below that the attention collapsed to 0 on shapes) and ``aff`` 0.1; gamma 0.8,
-    stride 8, 1024 sampled pixels, cosine clamped at 0.
+    paper's values are unknown; see ``conf/loss/box2seg.yaml`` for the reasoning): ``gc``, ``bg``,
+    ``pretrain`` 1; ``fg`` 0.2 (at 1 it outweighed L_GC per pixel and pulled the predictions towards
+    the boxes on shapes); ``fr`` 2.0 = 10 x ``fg`` (at a ratio of 1 the attention collapsed to 0);
+    ``aff`` 0.1; gamma 0.8, stride 8, 1024 sampled pixels, cosine clamped at 0.
     """
 
     TERMS = ("gc", "fg", "bg", "fr", "aff", "pretrain")
@@ -253,7 +254,7 @@ class Box2SegLoss(nn.Module):
         fg_normalise: str = "class",
     ):
         super().__init__()
-        w = {"gc": 1.0, "fg": 1.0, "bg": 1.0, "fr": 10.0, "aff": 0.1, "pretrain": 1.0}
+        w = {"gc": 1.0, "fg": 0.2, "bg": 1.0, "fr": 2.0, "aff": 0.1, "pretrain": 1.0}
         unknown = set(weights or {}) - set(w) | set(enabled or {}) - set(w)
         if unknown:
             raise KeyError(f"unknown Box2Seg loss terms {sorted(unknown)}; terms are {list(self.TERMS)}")
