@@ -88,10 +88,11 @@ def _write_saliency_from_masks(mask_dir: Path, out_dir: Path) -> None:
     import numpy as np
     from PIL import Image
 
+    from segexp.data.saliency import oracle_saliency
+
     out_dir.mkdir()
     for mask in mask_dir.glob("*.png"):
-        sal = np.where(np.asarray(Image.open(mask)) != 0, 255, 0).astype(np.uint8)
-        Image.fromarray(sal).save(out_dir / mask.name)
+        Image.fromarray(oracle_saliency(np.asarray(Image.open(mask)))).save(out_dir / mask.name)
 
 
 def _duts_fixture_from_synthetic(data_dir: Path) -> Path:

@@ -189,7 +189,7 @@ def test_ppc_classification_uses_tap_logits():
     losses = method.view_losses(out1, out2, batch["labels"])
     from segexp.losses.cam import multilabel_soft_margin
 
-    expect = 0.5 * sum(multilabel_soft_margin(method.tap_fg_logits(o), batch["labels"]) for o in (out1, out2))
+    expect = 0.5 * sum(multilabel_soft_margin(method.cls_logits(o), batch["labels"]) for o in (out1, out2))
     assert losses["cls"].item() == pytest.approx(expect.item(), rel=1e-6)
 
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from tests.conftest import compose
-from tests.test_configs import TINY, _voc_fixture_from_synthetic
+from tests.test_configs import TINY, _voc_fixture_from_synthetic, _write_saliency_from_masks
 
 
 def test_fbr_voc_needs_salimages_then_runs(tmp_path_factory, tmp_path):
-    from segexp.data.readers.voc import read_index_png
     from segexp.runner import train
 
     root = _voc_fixture_from_synthetic(tmp_path_factory.mktemp("ppcvoc"))
@@ -26,9 +23,6 @@ def test_fbr_voc_needs_salimages_then_runs(tmp_path_factory, tmp_path):
     with pytest.raises(Exception, match=r"SALImages: saliency folder not found"):
         train(compose(overrides, out_dir=tmp_path / "a"))
 
-    sal = voc / "SALImages"
-    sal.mkdir()
-    for mask in (voc / "SegmentationClassAug").glob("*.png"):
-        Image.fromarray(np.where(read_index_png(mask) != 0, 255, 0).astype(np.uint8)).save(sal / mask.name)
+    _write_saliency_from_masks(voc / "SegmentationClassAug", voc / "SALImages")
     metrics = train(compose(overrides, out_dir=tmp_path / "b"))
     assert "val/cam_best_mIoU" in metrics and "test/mIoU" in metrics

@@ -42,7 +42,26 @@ def _barrier() -> None:
         dist.barrier()
 
 
-class PseudoLabels(Dataset):
+class ReaderWrapper(Dataset):
+    """Base of the train wrappers: a ``reader`` (``self.reader``) seen through, so that length, ids
+    and the reader's attributes (class_names, split, image_path, ...) stay those of the wrapped reader."""
+
+    reader: Any
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    @property
+    def ids(self) -> list[str]:
+        return self.reader.ids
+
+    def __getattr__(self, name: str) -> Any:  # class_names, split, ... of the wrapped reader
+        if name == "reader":
+            raise AttributeError(name)
+        return getattr(self.reader, name)
+
+
+class PseudoLabels(ReaderWrapper):
     """``reader`` with a ``pseudo`` key read from ``stage``'s cache (computed here when missing)."""
 
     adds: ClassVar[tuple[str, ...]] = ("pseudo",)
@@ -72,18 +91,6 @@ class PseudoLabels(Dataset):
                 f"{len(missing)} of {len(reader)} {stage.name} masks are missing from {self.cache.dir} "
                 f"(first: {missing[:3]}); run `python -m segexp.pseudo` for this data and stage"
             )
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    @property
-    def ids(self) -> list[str]:
-        return self.reader.ids
-
-    def __getattr__(self, name: str) -> Any:  # class_names, split, ... of the wrapped reader
-        if name == "reader":
-            raise AttributeError(name)
-        return getattr(self.reader, name)
 
     #: dtype of the cached map in the sample (class indices here; float maps in subclasses)
     dtype: ClassVar[type] = np.uint8

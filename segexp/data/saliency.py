@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from segexp.data.io import DatasetError, read_label_png
-from segexp.data.pseudo_labels import PseudoLabels
+from segexp.data.pseudo_labels import PseudoLabels, ReaderWrapper
 from segexp.data.readers.common import check_same_size
 from segexp.data.readers.sod import saliency_from_values
 from segexp.utils.atomic import atomic_path
@@ -78,10 +78,9 @@ def write_oracle_saliency(reader: Any, directory: str | os.PathLike) -> int:
     return len(todo)
 
 
-class SaliencyFolder(PseudoLabels):
+class SaliencyFolder(ReaderWrapper):
     """``reader`` + ``saliency`` read from ``<dir>/<image stem>.png`` (8-bit; 0/1-valued masks and
-    16-bit maps are understood too, as by the SOD reader). Shares :class:`PseudoLabels`' reader
-    delegation; there is no stage to fill, so its constructor is not called."""
+    16-bit maps are understood too, as by the SOD reader)."""
 
     adds: ClassVar[tuple[str, ...]] = ("saliency",)
 
@@ -126,7 +125,7 @@ class SaliencyFromStage(PseudoLabels):
 
 def saliency_wrapper(
     reader: Any, dir: str | os.PathLike | None = None, stage: Any = None, oracle_from_masks: bool = False
-) -> PseudoLabels:
+) -> ReaderWrapper:
     """The experiments' ``saliency:`` block as one wrapper: the cached ``stage`` when given (e.g. a
     SOD model), else the PNG folder ``dir``."""
     if stage is not None:

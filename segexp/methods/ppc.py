@@ -45,7 +45,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from segexp.losses.cam import multilabel_soft_margin
 from segexp.losses.fbr import ecr_loss_bg_last_slip
 from segexp.losses.ppc import ContrastGrid, contrast_grid, eps_saliency_loss, ppc_contrast_losses, tap_logits
 from segexp.methods.seam import SEAM
@@ -148,25 +147,10 @@ class PPC(ContrastGrids, ReleasedECRSlip, SEAM):
         views = self._views(batch["image"])
         return self.base_losses(views, batch, self.contrast_grids(views, batch["labels"]))
 
-    def view_losses(
-        self, out1: dict[str, torch.Tensor], out2: dict[str, torch.Tensor], labels: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """SEAM's terms with the classification on TAP logits. SEAM computes ``cls`` with GAP of the
-        CAM; that (cheap) value is discarded here - a ``cls_logits(out)`` hook in
-        ``SEAM.view_losses`` would avoid computing it."""
-        losses = super().view_losses(out1, out2, labels)
-        if self.tap_threshold is not None:
-            losses["cls"] = (
-                self.weights["cls"]
-                * 0.5
-                * (
-                    multilabel_soft_margin(self.tap_fg_logits(out1), labels)
-                    + multilabel_soft_margin(self.tap_fg_logits(out2), labels)
-                )
-            )
-        return losses
-
-    def tap_fg_logits(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    def cls_logits(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Foreground logits by Thresholded Average Pooling (released); GAP if ``tap_threshold`` is null."""
+        if self.tap_threshold is None:
+            return super().cls_logits(out)
         weight = self.model.head.classifier.weight
         return tap_logits(out["features"], weight, self.tap_threshold)[:, 1:]
 

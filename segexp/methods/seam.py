@@ -91,8 +91,8 @@ class SEAM(CAMMethod):
             "cls": self.weights["cls"]
             * 0.5
             * (
-                multilabel_soft_margin(self.fg_logits(out1["cam"]), labels)
-                + multilabel_soft_margin(self.fg_logits(out2["cam"]), labels)
+                multilabel_soft_margin(self.cls_logits(out1), labels)
+                + multilabel_soft_margin(self.cls_logits(out2), labels)
             ),
         }
         if self.amp_enabled:
@@ -115,6 +115,10 @@ class SEAM(CAMMethod):
         losses["er"] = self.weights["er"] * er_loss(y_o, y_t)
         losses["ecr"] = self.weights["ecr"] * self.ecr(y_o, y_t, rv_o, rv_t)
         return losses
+
+    def cls_logits(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Foreground image logits of one view for ``cls`` (GAP of the CAM; PPC pools otherwise)."""
+        return self.fg_logits(out["cam"])
 
     def ecr(
         self, y_o: torch.Tensor, y_t: torch.Tensor, rv_o: torch.Tensor, rv_t: torch.Tensor
