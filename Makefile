@@ -17,9 +17,9 @@ help: ## show this help
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet $(TORCH_PINS)
-	$(PIP) install --quiet -e ".[dev]" $(TORCH_PINS)
+	$(PIP) install --quiet --no-cache-dir --upgrade pip
+	$(PIP) install --quiet --no-cache-dir $(TORCH_PINS)
+	$(PIP) install --quiet --no-cache-dir -e ".[dev]" $(TORCH_PINS)
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv: pinned torch/torchvision first, then segexp (editable) + dev extras
