@@ -202,6 +202,20 @@ def test_a_changed_image_invalidates_the_whole_clustering(folder_reader, method_
     assert report["features"]["computed"] == 1 and report["computed"] == 16
 
 
+def test_ranks_share_the_features_and_rank_0_alone_clusters(folder_reader, method_cfg, tmp_path):
+    """The two ranks of a DDP run, called one after the other (the barrier is a no-op here)."""
+    stage = _stage(tmp_path / "ddp", method_cfg)
+    assert len(stage.missing(folder_reader, rank=1, world_size=2)) == 16  # all-or-nothing, any rank
+    rank1 = stage.run(folder_reader, rank=1, world_size=2)
+    assert rank1["features"]["computed"] == 8 and rank1["computed"] == 0
+    assert len(stage.missing(folder_reader)) == 16  # rank 1 wrote no clusters
+    rank0 = stage.run(folder_reader, rank=0, world_size=2)
+    assert rank0["features"]["computed"] == 8 and rank0["computed"] == 16
+    single = _stage(tmp_path / "one", method_cfg)
+    single.run(folder_reader)
+    assert np.array_equal(stage.label_table(folder_reader), single.label_table(folder_reader))
+
+
 def test_wrapper_adds_sub_labels_and_declares_them(folder_reader, method_cfg, tmp_path):
     wrapped = SubCategoryLabels(folder_reader, _stage(tmp_path / "w", method_cfg))
     sample = wrapped[4]

@@ -35,7 +35,8 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """``dist.barrier()`` under DDP, nothing in a single process."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -80,7 +81,7 @@ class PseudoLabels(ReaderWrapper):
                          stage.name, rank, world)
                 report = stage.run(reader, evaluate=False, rank=rank, world_size=world)
                 log.info("%s stage: %s", stage.name, {k: report[k] for k in ("computed", "seconds")})
-            _barrier()
+            barrier()
         missing = stage.missing(reader)
         deadline = time.monotonic() + wait_timeout_s
         while missing and not compute_missing and time.monotonic() < deadline:

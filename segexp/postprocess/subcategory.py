@@ -24,8 +24,9 @@ index 1.0); the backend (and scikit-learn's version, whose internals may change 
 of the cache key.
 
 Choice: a class with fewer than K images is clustered into as many clusters as it has images
-(scikit-learn would refuse); it is logged. Under DDP every rank computes the whole clustering
-(identical, written atomically) - the features are the expensive part and are shared by the cache.
+(scikit-learn would refuse); it is logged. Under DDP each rank extracts its share of the features,
+the ranks meet at a barrier, and rank 0 alone clusters (the caller's barrier holds the others until the
+clusters are written): the clustering is one decision over the whole split, so it is made once.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from segexp.data.cache import file_key, stable_hash
-from segexp.data.pseudo_labels import PseudoLabels
+from segexp.data.pseudo_labels import PseudoLabels, barrier
 from segexp.postprocess.cam_export import image_tensor, load_method
 from segexp.postprocess.stage import CachedStage, reader_root
 from segexp.utils.kmeans import kmeans
@@ -334,10 +335,18 @@ class SubCategoryStage(CachedStage):
     def inputs_key(self, reader: Any, index: int) -> str:
         return self.split_key(reader)
 
+    def missing(self, reader: Any, rank: int = 0, world_size: int = 1) -> list[str]:
+        """Every stale entry, whatever the rank: one clustering covers the split, so every rank must
+        take part in :meth:`run` (its barrier) when any entry is stale."""
+        return super().missing(reader)
+
     def run(self, reader: Any, evaluate: bool = False, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-        """Features (missing ones), then the clustering of the whole split if any entry is stale."""
+        """This rank's share of the missing features; then, on rank 0, the clustering of the whole
+        split if any entry is stale."""
         reader = image_label_reader(reader)
-        features = self.features.run(reader)
+        features = self.features.run(reader, rank=rank, world_size=world_size)
+        if world_size > 1:
+            barrier()  # every rank's features are in the cache before rank 0 reads them all
         cache = self.cache_for(reader)
         key = self.split_key(reader)
         todo = cache.missing(self.keys(reader), self.keys(reader))
@@ -349,7 +358,7 @@ class SubCategoryStage(CachedStage):
             "features": features,
             "cache_dir": str(cache.dir),
         }
-        if not todo:
+        if not todo or rank != 0:
             return report
         feats, labels = self.features.load_all(reader)
         t0 = time.perf_counter()
