@@ -164,10 +164,27 @@ class PipelineContext:
         method_overrides: list[str] = (),
     ) -> dict[str, Any]:
         """A training run in ``<dir>/<name>`` keyed by ``depends_on`` (see :func:`train_stage`)."""
-        depends = {"on": depends_on, "method": method, "method_overrides": list(method_overrides)}
-        return train_stage(
-            list(overrides), self.root / name, stable_hash(depends), patch, method, list(method_overrides)
-        )
+        key = run_key({"on": depends_on, "method": method, "method_overrides": list(method_overrides)})
+        return train_stage(list(overrides), self.root / name, key, patch, method, list(method_overrides))
+
+
+#: settings that change where or how fast a run computes, never what it learns
+RUNTIME_SETTINGS = frozenset({"num_workers", "eval_batch_size", "cache_dir", "device", "progress"})
+
+
+def without_runtime_settings(node: Any) -> Any:
+    """``node`` without :data:`RUNTIME_SETTINGS` at any depth."""
+    if isinstance(node, dict):
+        return {k: without_runtime_settings(v) for k, v in node.items() if k not in RUNTIME_SETTINGS}
+    if isinstance(node, (list, tuple)):
+        return [without_runtime_settings(v) for v in node]
+    return node
+
+
+def run_key(depends: Any, length: int = 16) -> str:
+    """Hash of what a run depends on: more workers, another cache folder or the device never retrain
+    a finished stage, while any setting that changes the result does."""
+    return stable_hash(without_runtime_settings(depends), length)
 
 
 def cam_network_key(cfg: DictConfig) -> dict[str, Any]:

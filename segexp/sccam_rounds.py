@@ -32,8 +32,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from segexp.data.cache import stable_hash
-from segexp.pipeline import PipelineContext, cam_network_key, compose, container
+from segexp.pipeline import PipelineContext, cam_network_key, compose, container, run_key
 from segexp.utils.atomic import write_json
 
 log = logging.getLogger(__name__)
@@ -171,7 +170,7 @@ def train_rounds(
             "wrappers": wrappers,
             "stop_after_epoch": epoch,
         }
-        name = f"round{r}_K{k}_{stable_hash(depends, 6)}"  # other settings never overwrite a round
+        name = f"round{r}_K{k}_{run_key(depends, 6)}"  # other settings never overwrite a round
         patch = {"data.train_wrappers": wrappers, "callbacks.sccam_stop_after_epoch": stop}
         record = context.train(name, overrides, depends, patch=patch)
         method, ckpt = container(cfg.method), _checkpoint(record, checkpoint)

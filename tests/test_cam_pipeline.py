@@ -148,3 +148,20 @@ def test_pipeline_retrains_a_supervised_network_on_the_last_stage(tmp_path):
     stage1_cfg = yaml.safe_load((tmp_path / "pipe" / "train" / "config.yaml").read_text())
     assert stage1_cfg["method"]["weights"]["amp"] == 0.5
     assert (tmp_path / "pipe" / "pipeline_report.json").is_file()
+
+
+def test_run_keys_ignore_runtime_settings_and_follow_the_rest():
+    from segexp.pipeline import cam_network_key, run_key
+    from tests.conftest import compose
+
+    def key(*extra: str) -> str:
+        return run_key(cam_network_key(compose(["+experiment=sccam_shapes", *extra])))
+
+    base = key()
+    # more loader workers, another cache folder, another device: the finished stage is reused
+    assert key("data.num_workers=2", "data.eval_batch_size=16", "paths.cache_dir=/elsewhere") == base
+    assert key("data.train_wrappers.0.stage.features.device=cuda") == base
+    # anything that changes what the network learns retrains it
+    assert key("data.batch_size=4") != base
+    assert key("data.train_wrappers.0.stage.random_state=1") != base
+    assert key("seed=1") != base
