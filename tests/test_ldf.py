@@ -56,11 +56,8 @@ def test_paper_decoupling_has_no_halo_and_a_linear_profile():
     np.testing.assert_array_equal(edge_band(t)[0, 0].numpy() * 255, band)
 
 
-def test_pack_roundtrip_and_stage_cache(tmp_path, monkeypatch):
+def test_wrapper_maps_survive_augmentation_and_the_stage_cache(tmp_path, monkeypatch):
     body, detail = dec.split_map_code(_worked_mask())
-    b, d = dec.unpack(torch.from_numpy(dec.pack(body, detail))[None])
-    np.testing.assert_allclose(b[0].numpy() * 255, body, atol=1e-4)
-    np.testing.assert_allclose(d[0].numpy() * 255, detail, atol=1e-4)
 
     class Reader(torch.utils.data.Dataset):
         name = "worked"
@@ -74,10 +71,22 @@ def test_pack_roundtrip_and_stage_cache(tmp_path, monkeypatch):
                     "meta": {"id": "a"}}
 
     first = dec.LDFLabels(Reader(), source="code", cache_dir=tmp_path)[0]
-    assert dec.PACK_KEY in first
+    np.testing.assert_allclose(first["body"] * 255, body, atol=1e-4)
+    np.testing.assert_allclose(first["detail"] * 255, detail, atol=1e-4)
+    # the declared float maps move with the image: a horizontal flip flips them, 0 where padded
+    import albumentations as A
+
+    from segexp.data.transforms import SampleTransform
+
+    ops = [A.HorizontalFlip(p=1.0), A.PadIfNeeded(20, 20, border_mode=0, position="top_left")]
+    out = SampleTransform(ops, extra_maps=dec.LDFLabels.map_kinds)(first)
+    np.testing.assert_allclose(out["body"][:16, :16].numpy() * 255, body[:, ::-1], atol=1e-4)
+    np.testing.assert_allclose(out["detail"][:16, :16].numpy() * 255, detail[:, ::-1], atol=1e-4)
+    assert out["body"].dtype == torch.float32 and out["body"][16:].abs().sum() == 0
     monkeypatch.setattr(dec, "decouple", lambda *a, **k: pytest.fail("cache miss"))
     again = dec.LDFLabels(Reader(), source="code", cache_dir=tmp_path)[0]  # served from the cache
-    np.testing.assert_array_equal(again[dec.PACK_KEY], first[dec.PACK_KEY])
+    for key in dec.MAP_KEYS:
+        np.testing.assert_array_equal(again[key], first[key])
     # another decoupling is another cache directory
     assert dec.LDFLabels(Reader(), source="paper", cache_dir=tmp_path).cache.dir != \
         dec.LDFLabels(Reader(), source="code", cache_dir=tmp_path).cache.dir

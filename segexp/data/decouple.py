@@ -25,17 +25,16 @@ once per image and stored in the stage cache (``segexp.data.cache``). Coarse-to-
 themselves (sigmoid of the second-iteration branch outputs, x255, rounded; the released README's
 second stage), computed once per (checkpoint, image) and cached the same way.
 
-Transport: the shared ``SampleTransform`` moves only the contract's map keys through the
-augmentation, so the two uint8 maps travel packed in the ``instances`` key as
-``body + 256 * detail`` (int, nearest interpolation, 0 outside the image - correct for both maps);
-:func:`unpack` restores them. See the report for the base change that would make this unnecessary.
+Transport: the wrapper declares ``body`` and ``detail`` as float maps (``map_kinds``); the data
+module passes them to ``SampleTransform(extra_maps=...)``, so they move with the image through the
+augmentation (nearest interpolation, 0 outside the image) and reach the method as [0, 1] tensors.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cv2
 import numpy as np
@@ -44,13 +43,12 @@ from torch.utils.data import Dataset
 
 from segexp.data.cache import StageCache, content_key, file_key
 
-__all__ = ["split_map_code", "split_map_paper", "edge_map", "decouple", "LDFLabels", "pack", "unpack",
-           "SOURCES", "PACK_KEY"]
+__all__ = ["split_map_code", "split_map_paper", "edge_map", "decouple", "LDFLabels", "SOURCES", "MAP_KEYS"]
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("code", "paper", "coarse")
-PACK_KEY = "instances"
+MAP_KEYS = ("body", "detail")
 CACHE_VERSION = 1
 
 
@@ -100,18 +98,8 @@ def decouple(mask: np.ndarray, mode: str = "code") -> tuple[np.ndarray, np.ndarr
     raise ValueError(f"unknown decoupling {mode!r}; choose 'code' or 'paper'")
 
 
-def pack(body: np.ndarray, detail: np.ndarray) -> np.ndarray:
-    return body.astype(np.int32) + 256 * detail.astype(np.int32)
-
-
-def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int (B, H, W) packed maps -> float body, detail in [0, 1]."""
-    packed = packed.long()
-    return (packed % 256).float() / 255.0, (packed // 256).clamp(max=255).float() / 255.0
-
-
 class LDFLabels(Dataset):
-    """Train wrapper adding LDF body/detail maps (packed in ``instances``, see the module doc).
+    """Train wrapper adding LDF ``body`` / ``detail`` maps (float, [0, 1]; see the module doc).
 
     Args:
         reader: a saliency reader (``saliency`` key).
@@ -123,7 +111,9 @@ class LDFLabels(Dataset):
         coarse_size: square input size for the coarse predictions (released test: 352).
     """
 
-    adds = (PACK_KEY,)
+    adds: ClassVar[tuple[str, ...]] = MAP_KEYS
+    #: per-pixel maps this wrapper adds and how augmentation fills them (see SampleTransform)
+    map_kinds: ClassVar[dict[str, str]] = {key: "float" for key in MAP_KEYS}
 
     def __init__(
         self,
@@ -179,7 +169,8 @@ class LDFLabels(Dataset):
             body, detail = decouple(sample["saliency"], self.source)
             entry = {"body": body, "detail": detail}
             self.cache.put(item_id, key, entry)
-        sample[PACK_KEY] = pack(entry["body"], entry["detail"])
+        for key in MAP_KEYS:
+            sample[key] = entry[key].astype(np.float32) / 255.0
         return sample
 
     @torch.no_grad()

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from segexp.data.decouple import PACK_KEY, unpack
+from segexp.data.decouple import MAP_KEYS
 from segexp.methods.optim import build_optimizer
 from segexp.methods.sod_base import SODMethod
 from segexp.models.param_groups import GROUP_NAMES
@@ -71,7 +71,7 @@ class LDFSaliency(SODMethod):
         name: str = "ldf",
         **base: Any,
     ):
-        base.setdefault("train_keys", ("image", "saliency", PACK_KEY))
+        base.setdefault("train_keys", ("image", "saliency", *MAP_KEYS))
         super().__init__(**base)
         sup = tuple(supervision)
         if sup not in SUPERVISION:
@@ -95,12 +95,12 @@ class LDFSaliency(SODMethod):
     def targets(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         image = batch["image"]
         sal = (batch["saliency"] > 0.5).float()[:, None]
-        if PACK_KEY in batch:
-            body, detail = (t[:, None] for t in unpack(batch[PACK_KEY]))
+        if all(key in batch for key in MAP_KEYS):
+            body, detail = (batch[key].float()[:, None] for key in MAP_KEYS)
         elif self.supervision == ("sal", "edge"):
             body = detail = sal
         else:
-            raise KeyError(f"LDF needs body/detail maps ({PACK_KEY!r}): add the LDFLabels train wrapper")
+            raise KeyError(f"LDF needs the {MAP_KEYS} maps: add the LDFLabels train wrapper")
         valid = batch["valid"].float()[:, None] if "valid" in batch else torch.ones_like(sal)
         maps = torch.cat([sal, body, detail, valid], 1)
         if self.multiscale_sizes:
