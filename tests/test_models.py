@@ -275,3 +275,29 @@ def test_resnet38d_is_a_timm_model_once_segexp_models_is_imported():
 
     code = "import timm, segexp.models; assert 'resnet38d' in timm.list_models('resnet38*')"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_segexp_checkpoint_initialises_another_experiments_backbone(tmp_path):
+    """The cls_pretrain_shapes recipe: a CAM run's checkpoint becomes the backbone of another method."""
+    import hydra
+
+    from tests.conftest import compose
+
+    source = hydra.utils.instantiate(compose(["+experiment=cls_pretrain_shapes"]).method)
+    body = source.model.backbone.body
+    with torch.no_grad():  # "trained": every tensor differs from any fresh initialisation
+        body.conv1.weight.add_(1.0)
+        body.layer4[1].bn2.running_var.uniform_(2.0, 3.0)
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": source.state_dict()}, path)  # the layout Lightning writes
+    cfg = compose(
+        [
+            "+experiment=sccam_rounds_shapes",
+            f"backbone.pretrained={path}",
+            "backbone.weights_prefix=model.backbone.body.",
+        ]
+    )
+    target = hydra.utils.instantiate(cfg.method)
+    loaded = target.model.backbone.body
+    assert torch.equal(loaded.conv1.weight, body.conv1.weight)
+    assert torch.equal(loaded.layer4[1].bn2.running_var, body.layer4[1].bn2.running_var)
