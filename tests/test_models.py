@@ -278,12 +278,12 @@ def test_resnet38d_is_a_timm_model_once_segexp_models_is_imported():
 
 
 def test_a_segexp_checkpoint_initialises_another_experiments_backbone(tmp_path):
-    """The cls_pretrain_shapes recipe: a CAM run's checkpoint becomes the backbone of another method."""
+    """A CAM run's Lightning checkpoint becomes the backbone of another method (weights_prefix)."""
     import hydra
 
     from tests.conftest import compose
 
-    source = hydra.utils.instantiate(compose(["+experiment=cls_pretrain_shapes"]).method)
+    source = hydra.utils.instantiate(compose(["+experiment=cam_shapes"]).method)
     body = source.model.backbone.body
     with torch.no_grad():  # "trained": every tensor differs from any fresh initialisation
         body.conv1.weight.add_(1.0)
