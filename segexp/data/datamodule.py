@@ -93,7 +93,6 @@ class SegDataModule(pl.LightningDataModule):
         self.test_sets = dict(test_sets or {})
         self.test_set_names = list(self.test_sets)
         self._check_keys()
-        # boxes less visible than this after augmentation are dropped (albumentations min_visibility)
         # per-pixel maps the wrappers add (declared by them) move with the image like the contract's
         declared = {
             k: kind
@@ -101,6 +100,7 @@ class SegDataModule(pl.LightningDataModule):
             for k, kind in getattr(_reader_class(w), "map_kinds", {}).items()
         }
         extra_maps = {**declared, **(extra_maps or {})}
+        # boxes less visible than this after augmentation are dropped (albumentations min_visibility)
         common = dict(ignore_index=ignore_index, min_box_visibility=min_box_visibility, extra_maps=extra_maps)
         self.train_transform = SampleTransform(transforms.get("train", ()), **common)
         self.eval_transform = SampleTransform(transforms.get("eval", ()), **common)
