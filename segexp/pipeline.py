@@ -33,7 +33,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from segexp.data.cache import stable_hash
+from segexp.data.cache import file_key, stable_hash
 from segexp.utils.atomic import write_json
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,13 @@ def run_key(depends: Any, length: int = 16) -> str:
 
 
 def cam_network_key(cfg: DictConfig) -> dict[str, Any]:
-    """What the stage-1 network depends on."""
-    return {k: container(cfg.get(k)) for k in ("method", "backbone", "data", "schedule", "seed")}
+    """What the stage-1 network depends on, including the local weights file behind
+    ``backbone.pretrained`` (path, size and mtime): a retrained file at the same path retrains."""
+    key = {k: container(cfg.get(k)) for k in ("method", "backbone", "data", "schedule", "seed")}
+    pretrained = OmegaConf.select(cfg, "backbone.pretrained", default=None)
+    if isinstance(pretrained, str) and Path(pretrained).expanduser().is_file():
+        key["pretrained_file"] = file_key(Path(pretrained).expanduser())
+    return key
 
 
 def train_cam_network(context: PipelineContext) -> dict[str, Any]:

@@ -165,3 +165,22 @@ def test_run_keys_ignore_runtime_settings_and_follow_the_rest():
     assert key("data.batch_size=4") != base
     assert key("data.train_wrappers.0.stage.random_state=1") != base
     assert key("seed=1") != base
+
+
+def test_run_key_follows_the_weights_file_behind_backbone_pretrained(tmp_path):
+    import os
+
+    from segexp.pipeline import cam_network_key, run_key
+    from tests.conftest import compose
+
+    weights = tmp_path / "backbone.pth"
+    weights.write_bytes(b"first")
+
+    def key() -> str:
+        return run_key(cam_network_key(compose(["+experiment=cam_shapes", f"backbone.pretrained={weights}"])))
+
+    first = key()
+    assert key() == first
+    weights.write_bytes(b"second, retrained")  # same path, another file
+    os.utime(weights, ns=(1, 1))
+    assert key() != first
