@@ -168,7 +168,8 @@ class PipelineContext:
         return train_stage(list(overrides), self.root / name, key, patch, method, list(method_overrides))
 
 
-#: settings that change where or how fast a run computes, never what it learns
+#: settings that change where or how fast a run computes, not what it learns (``device`` only changes
+#: results numerically, e.g. CPU vs CUDA kernels; moving a pipeline to another machine reuses its runs)
 RUNTIME_SETTINGS = frozenset({"num_workers", "eval_batch_size", "cache_dir", "device", "progress"})
 
 

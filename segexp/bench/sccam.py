@@ -20,6 +20,8 @@ import time
 import numpy as np
 import torch
 
+from segexp.utils.device import resolve_device
+
 
 def _method_cfg(backbone: str) -> dict:
     return {
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     size = args.size or (64 if args.quick else 320)
     result = {
         "threads": torch.get_num_threads(),

@@ -17,6 +17,8 @@ import time
 import numpy as np
 import torch
 
+from segexp.utils.device import resolve_device
+
 
 def _crf_job(args):
     from segexp.postprocess.crf import cam_crf_scores, crf_inference
@@ -72,7 +74,7 @@ def bench_rw(size: int, n: int) -> dict:
     from segexp.postprocess.rw_stage import random_walk_label
 
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device()
     net = AffinityNet(Backbone("resnet18", output_stride=8))
     names = [str(i) for i in range(21)]
     method = AffinityNetMethod(model=net, num_classes=21, class_names=names, schedule={})

@@ -26,6 +26,7 @@ import torch
 from segexp.data.cache import file_key, stable_hash
 from segexp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from segexp.postprocess.stage import CachedStage, image_inputs_key, iou_report, reader_root
+from segexp.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class CAMStage(CachedStage):
             tuple(thresholds) if thresholds is not None else tuple(round(0.01 * i, 2) for i in range(100))
         )
         self.cache_dir = Path(cache_dir)
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = resolve_device(device)
         self.progress = progress
         self.version = int(version)
         self._method = None

@@ -46,6 +46,7 @@ from segexp.postprocess.cam_export import CAMStage, image_tensor, load_method
 from segexp.postprocess.crf import CRFStage
 from segexp.postprocess.random_walk import random_walk, rw_scores
 from segexp.utils.atomic import write_json
+from segexp.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class RandomWalkStage(CRFStage):
         self.schedule = schedule
         self.train_overrides = list(train_overrides)
         self.augment = _plain(augment) if augment else None
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = resolve_device(device)
         self._method = None
         self._method_cfg: dict[str, Any] | None = None
         self.peak_bytes = 0

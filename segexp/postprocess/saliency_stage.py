@@ -23,6 +23,7 @@ import torch
 from segexp.data.cache import file_key
 from segexp.postprocess.cam_export import image_tensor, load_method
 from segexp.postprocess.stage import CachedStage, image_inputs_key
+from segexp.utils.device import resolve_device
 
 __all__ = ["SODSaliencyStage", "method_config_of_run"]
 
@@ -76,7 +77,7 @@ class SODSaliencyStage(CachedStage):
         self.method_cfg = dict(method) if method is not None else method_config_of_run(self.ckpt_path)
         self._method = None  # loaded on first use (a filled cache never loads the network)
         self.cache_dir = Path(cache_dir)
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.device = resolve_device(device)
 
     def settings(self) -> dict[str, Any]:
         method = {k: v for k, v in self.method_cfg.items() if k not in ("panels", "schedule")}

@@ -46,6 +46,7 @@ from segexp.data.cache import file_key, stable_hash
 from segexp.data.pseudo_labels import PseudoLabels, barrier
 from segexp.postprocess.cam_export import image_tensor, load_method
 from segexp.postprocess.stage import CachedStage, reader_root
+from segexp.utils.device import resolve_device
 from segexp.utils.kmeans import kmeans
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,6 @@ __all__ = [
 
 _NOT_NETWORK = ("panels", "schedule", "bg_threshold", "inference", "cam_source")  # no effect on features
 BACKENDS = ("sklearn", "torch")
-
-
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def image_label_reader(reader: Any) -> Any:
@@ -216,7 +213,7 @@ class FeatureStage(CachedStage):
         self.init_seed = int(init_seed)
         self.name = name
         self.cache_dir = Path(cache_dir)
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.progress = progress
         self.version = int(version)
         self._network = None
@@ -302,7 +299,7 @@ class SubCategoryStage(CachedStage):
         self.tol = float(tol)
         self.name = name
         self.cache_dir = Path(cache_dir)
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.backend = _check_backend(backend)
         self.version = int(version)
         self._split_keys: dict[tuple, str] = {}
