@@ -115,15 +115,18 @@ CONF_DATA = Path(__file__).resolve().parents[1] / "conf" / "data"
 
 
 def data_config(name: str, data_dir: Path, overrides: dict | None = None):
-    """``conf/data/<name>.yaml`` resolved against ``paths.data_dir`` (its defaults list is left out,
-    so this tests the reader wiring without depending on the transform configs).
+    """``conf/data/<name>.yaml`` resolved against ``paths.data_dir`` (of its defaults list only the
+    synthetic generator block is kept, so this tests the reader wiring without the transform configs).
 
     ``overrides`` maps dotted keys below ``data`` to values, like command-line overrides.
     """
     from omegaconf import OmegaConf
 
+    import segexp.utils.resolvers  # noqa: F401 - the root name's resolver
+
     data = OmegaConf.load(CONF_DATA / f"{name}.yaml")
-    data.pop("defaults", None)
+    if any("synth@prepare" in entry for entry in data.pop("defaults", []) if not isinstance(entry, str)):
+        data.prepare = OmegaConf.load(CONF_DATA / "synth" / "default.yaml")
     cfg = OmegaConf.create({"paths": {"data_dir": str(data_dir)}, "data": data})
     for key, value in (overrides or {}).items():
         OmegaConf.update(cfg, f"data.{key}", value, force_add=True)

@@ -24,6 +24,7 @@ from segexp.data.io import (
 )
 from segexp.data.synth import (
     CLASS_NAMES,
+    LEGACY,
     COMPLETE_MARKER,
     STUFF_NAMES,
     SynthLayout,
@@ -158,7 +159,7 @@ def test_coco_panoptic_round_trip(generated, samples):
     for split in synth.SPLITS:
         data = json.loads(layout.coco_panoptic_json(split).read_text())
         stuff_ids = {c["id"]: c["name"] for c in data["categories"] if not c["isthing"]}
-        assert stuff_ids == {6: STUFF_NAMES[0], 7: STUFF_NAMES[1], 8: STUFF_NAMES[2]}
+        assert stuff_ids == {6 + i: name for i, name in enumerate(STUFF_NAMES)}
         for ann in data["annotations"]:
             s = samples[ann["image_id"] - 1]
             ids = rgb_to_id(read_label_png(layout.coco_panoptic_png(split, s.id)))
@@ -209,11 +210,13 @@ def test_split_files_list_ids_in_index_order(generated):
 # --- content ----------------------------------------------------------------------------------------
 
 
-def test_every_class_appears_and_object_counts_are_1_to_4(many_samples):
+def test_every_class_appears_and_object_counts_follow_the_count_knob(many_samples):
     seen = {c for s in many_samples for c in s.classes}
     assert seen == set(range(1, len(CLASS_NAMES)))
     counts = [len(s.classes) for s in many_samples]
-    assert min(counts) >= 1 and max(counts) <= 4 and len(set(counts)) >= 3
+    assert min(counts) >= 1 and max(counts) <= 3 and len(set(counts)) == 3
+    legacy_counts = [len(render_sample(i, SIZE, SEED, LEGACY).classes) for i in range(48)]
+    assert max(legacy_counts) == 4
     assert {len(s.stuff_classes) for s in many_samples} <= {1, 2, 3}
     assert {c for s in many_samples for c in s.stuff_classes} == {0, 1, 2}
 
@@ -272,12 +275,29 @@ def _best_threshold_balanced_accuracy(values: np.ndarray, is_fg: np.ndarray) -> 
     return float(np.maximum(balanced, 1 - balanced).max())
 
 
-def test_colour_does_not_separate_objects_from_background(many_samples):
-    pixels = np.concatenate([s.image.reshape(-1, 3) for s in many_samples])
-    is_fg = np.concatenate([(s.instances > 0).ravel() for s in many_samples])
-    assert np.abs(pixels[is_fg].mean(0) - pixels[~is_fg].mean(0)).max() < 25
-    best = max(_best_threshold_balanced_accuracy(pixels[:, c], is_fg) for c in range(3))
-    assert best < 0.65  # chance is 0.5; a single-channel threshold barely beats it
+def _best_channel_threshold(samples) -> tuple[float, float]:
+    pixels = np.concatenate([s.image.reshape(-1, 3) for s in samples])
+    is_fg = np.concatenate([(s.instances > 0).ravel() for s in samples])
+    gap = float(np.abs(pixels[is_fg].mean(0) - pixels[~is_fg].mean(0)).max())
+    return gap, max(_best_threshold_balanced_accuracy(pixels[:, c], is_fg) for c in range(3))
+
+
+def test_legacy_colour_does_not_separate_objects_from_background():
+    gap, best = _best_channel_threshold([render_sample(i, SIZE, SEED, LEGACY) for i in range(48)])
+    assert gap < 25 and best < 0.65  # chance is 0.5; a single-channel threshold barely beats it
+
+
+def test_bright_contrast_separates_figure_from_ground_but_not_the_classes(many_samples):
+    gap, best = _best_channel_threshold(many_samples)
+    assert gap > 60 and best > 0.8  # the learnability knob (dark outline pixels are figure too)
+    # ... while class identity stays in the shape: per-class object colours (inside the outline) are alike
+    def fill(pixels):
+        return np.median(pixels[(pixels != synth.OUTLINE_COLOUR).any(axis=1)], axis=0)
+
+    objects = [(c, fill(s.image[s.instances == k + 1])) for s in
+               (render_sample(i, SIZE, SEED) for i in range(120)) for k, c in enumerate(s.classes)]  # fmt: skip
+    means = [np.mean([m for c, m in objects if c == cls], axis=0) for cls in range(1, len(CLASS_NAMES))]
+    assert np.ptp(np.array(means), axis=0).max() < 25
 
 
 # --- completion marker, errors, concurrency, CLI -------------------------------------------------------
@@ -362,17 +382,20 @@ def test_cli_help_runs_as_a_module():
 
 
 def test_plain_style_keeps_geometry_and_annotations_and_flattens_colours(tmp_path):
-    textured, plain = render_sample(3, 64, 0), render_sample(3, 64, 0, "plain")
+    textured, plain = (
+        render_sample(3, 64, 0, LEGACY),
+        render_sample(3, 64, 0, {**LEGACY.to_dict(), "style": "plain"}),
+    )
     assert np.array_equal(textured.semantic, plain.semantic) and textured.classes == plain.classes
     assert np.array_equal(textured.boxes, plain.boxes)
     for k in range(1, len(plain.classes) + 1):  # every object and stuff region is one flat colour
         inside = plain.image[plain.instances == k]
         assert np.ptp(inside.astype(int), axis=0).max() <= 1
     assert not np.array_equal(textured.image, plain.image)
-    # a root remembers its style: the other style is refused, the same one reused
-    root = ensure_synthetic(tmp_path / "p", num_images=6, size=48, style="plain", workers=1)
-    assert ensure_synthetic(root, num_images=6, size=48, style="plain", workers=1) == root
-    with pytest.raises(ValueError, match="style='plain'"):
+    # a root remembers its testbed: another one is refused, the same one reused
+    root = ensure_synthetic(tmp_path / "p", num_images=6, size=48, testbed={"style": "textured"}, workers=1)
+    assert ensure_synthetic(root, num_images=6, size=48, testbed={"style": "textured"}, workers=1) == root
+    with pytest.raises(ValueError, match="testbed=.*'style': 'textured'"):
         ensure_synthetic(root, num_images=6, size=48, workers=1)
-    with pytest.raises(ValueError, match="style must be one of"):
-        render_sample(0, 64, 0, "fancy")
+    with pytest.raises(ValueError, match="testbed.style must be one of"):
+        render_sample(0, 64, 0, {"style": "fancy"})

@@ -36,13 +36,16 @@ def run_id() -> str:
     return hashlib.sha1(str(Path(out_dir).resolve()).encode()).hexdigest()[:16]
 
 
-def synth_suffix(style: str) -> str:
-    """Directory-name suffix of a synthetic set's style (none for the default, so existing roots stay)."""
-    return "" if style in (None, "textured") else f"-{style}"
+def testbed_key(testbed) -> str:
+    """Directory-name key of a synthetic set's testbed settings (a hash of the whole, defaults filled in)."""
+    from segexp.data.testbed import Testbed  # the spec owns its defaults; imported only when resolved
+
+    values = OmegaConf.to_container(testbed, resolve=True) if OmegaConf.is_config(testbed) else testbed
+    return Testbed.from_dict(values).key()
 
 
 def register() -> None:
-    OmegaConf.register_new_resolver("segexp.synth_suffix", synth_suffix, replace=True)
+    OmegaConf.register_new_resolver("segexp.testbed_key", testbed_key, replace=True)
     OmegaConf.register_new_resolver("segexp.wandb_offline", wandb_offline, replace=True)
     OmegaConf.register_new_resolver("segexp.run_id", run_id, replace=True)
 
