@@ -24,7 +24,7 @@ __all__ = ["Backbone", "WeightsReport", "load_backbone_weights"]
 
 _logger = logging.getLogger(__name__)
 
-OUTPUT_STRIDES = (8, 16, 32)
+OUTPUT_STRIDES = (2, 4, 8, 16, 32)
 
 
 class WeightsReport(NamedTuple):
@@ -134,9 +134,10 @@ class Backbone(nn.Module):
         name: any timm model name that supports ``features_only``.
         pretrained: ``False`` (random init), ``True`` (timm's hub weights; needs internet) or a path
             to a local weights file (see :func:`load_backbone_weights`).
-        output_stride: 8/16/32 turn the last stages into dilated ones through timm's
-            ``output_stride`` argument; ``None`` keeps the model's native stride. A model without
-            dilation support (ViT, ...) raises unless the request equals its native stride.
+        output_stride: 8/16/32 (2/4 where the model allows them: ``small_cnn_*``, not timm's
+            ResNet) turn the last stages into dilated ones through timm's ``output_stride``
+            argument; ``None`` keeps the model's native stride. A model without dilation support
+            (ViT, ...) raises unless the request equals its native stride.
         out_indices: feature levels to return, indices into timm's ``feature_info``; ``None`` is
             timm's default (every stage of a hierarchical CNN: 5 for ResNet, 4 for ConvNeXt).
         frozen_stages: freeze the first k feature levels of ``feature_info`` (all levels, not only
@@ -271,6 +272,12 @@ def _create_features(name: str, output_stride: int | None, kwargs: dict[str, Any
                 f"{native}, requested {output_stride}. Use output_stride={native} or null."
             ) from e
         return model
+    except AssertionError as e:
+        # timm's ResNet, ConvNeXt & co. assert output_stride in (8, 16, 32) instead of raising.
+        raise ValueError(
+            f"timm model {name!r} rejected output_stride={output_stride} (assertion in its constructor"
+            f"{': ' + str(e) if str(e) else ''}); most timm CNNs allow only 8, 16, 32"
+        ) from e
     deepest = model.feature_info[len(model.feature_info) - 1]["reduction"]
     if deepest != output_stride:
         raise ValueError(
