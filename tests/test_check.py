@@ -13,6 +13,7 @@ import pytest
 from fixtures_formats import VOC_IDS, write_sod_set, write_voc_tree
 
 from segexp.data.check import check_split, format_report, validate_sample
+from segexp.data.testbed import Testbed
 from segexp.data.io import write_palette_png
 from segexp.data.readers.base import Reader
 from segexp.data.readers.sod import SalientObjects
@@ -145,8 +146,9 @@ def test_cli_generates_shapes_then_passes(tmp_path):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "== shapes / split 'train'" in out.stdout and "0 problem(s) in 3 split(s)" in out.stdout
-    assert (tmp_path / "shapes-n6-px32-seed0" / ".complete.json").is_file()  # prepare ran first
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes-n6-px32-seed0"]  # no run dir left behind
+    root = f"shapes-n6-px32-seed0-{Testbed().key()}"
+    assert (tmp_path / root / ".complete.json").is_file()  # prepare ran first
+    assert sorted(p.name for p in tmp_path.iterdir()) == [root]  # no run dir left behind
 
 
 def test_cli_exits_nonzero_and_names_the_file(tmp_path):

@@ -14,8 +14,10 @@ from tests.conftest import compose
 def broken_tree(tmp_path):
     from segexp.data.synth import ensure_synthetic
 
+    from segexp.data.testbed import Testbed
+
     src = ensure_synthetic(tmp_path / "src", num_images=10, size=64, seed=1)
-    root = tmp_path / "data" / "shapes-n10-px64-seed1"
+    root = tmp_path / "data" / f"shapes-n10-px64-seed1-{Testbed().key()}"
     shutil.copytree(src, root)
     return tmp_path / "data", root / "VOCdevkit" / "VOC2012"
 

@@ -102,6 +102,7 @@ def test_ddp_on_cpu_with_two_processes_gives_the_same_metric_keys(trained_run, d
             *SMALL_SYNTH,
             "data.num_workers=0",
             "trainer=ddp_cpu",
+            "data.batch_size=8",  # as CLI_BASE: 29 train images over 2 ranks still fill a batch
             "schedule.epochs=1",
             f"paths.data_dir={data_dir}",
             f"hydra.run.dir={tmp_path}",

@@ -286,8 +286,8 @@ def test_a_segexp_checkpoint_initialises_another_experiments_backbone(tmp_path):
     source = hydra.utils.instantiate(compose(["+experiment=cam_shapes"]).method)
     body = source.model.backbone.body
     with torch.no_grad():  # "trained": every tensor differs from any fresh initialisation
-        body.conv1.weight.add_(1.0)
-        body.layer4[1].bn2.running_var.uniform_(2.0, 3.0)
+        body.stem.conv.weight.add_(1.0)
+        body.stages_2[1].bn.running_var.uniform_(2.0, 3.0)
     path = tmp_path / "last.ckpt"
     torch.save({"state_dict": source.state_dict()}, path)  # the layout Lightning writes
     cfg = compose(
@@ -299,5 +299,5 @@ def test_a_segexp_checkpoint_initialises_another_experiments_backbone(tmp_path):
     )
     target = hydra.utils.instantiate(cfg.method)
     loaded = target.model.backbone.body
-    assert torch.equal(loaded.conv1.weight, body.conv1.weight)
-    assert torch.equal(loaded.layer4[1].bn2.running_var, body.layer4[1].bn2.running_var)
+    assert torch.equal(loaded.stem.conv.weight, body.stem.conv.weight)
+    assert torch.equal(loaded.stages_2[1].bn.running_var, body.stages_2[1].bn.running_var)

@@ -104,9 +104,9 @@ class Clutter:
     box, so a colour model of the box (GrabCut) takes them for the object."""
 
     p: float = 1.0
-    blobs: tuple[int, int] = (1, 3)
+    blobs: tuple[int, int] = (3, 5)
     colour_distance: float = 30.0
-    blob_scale: tuple[float, float] = (0.3, 0.6)  # blob radius / object radius
+    blob_scale: tuple[float, float] = (0.7, 1.2)  # blob radius / object radius (GrabCut 0.71 mIoU at 64 px)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "p", _probability(self.p, "clutter.p"))

@@ -9,7 +9,9 @@ Also the base of every image-level CAM method (SEAM, SC-CAM, ...): it owns
   the image labels when the batch has them (``eval_keys`` include ``labels``), so ``val/mIoU`` is the
   single-scale CAM mIoU at ``bg_threshold``; ``val/cam_best_mIoU`` / ``val/cam_best_threshold`` read
   the background-threshold curve (:class:`~segexp.metrics.cam.CAMThresholdCurve`; best threshold
-  chosen on the evaluated split itself - optimistic, as in SEAM's ``--curve``).
+  chosen on the evaluated split itself - optimistic, as in SEAM's ``--curve``); ``val/cls_F1`` is the
+  classifier's micro-averaged multi-label F1 (logit > 0), so a CAM score can be read against how well
+  the network recognises the classes at all.
 
 Normalisations (``cam_norm``): ``max`` = psa/AffinityNet ``infer_cls.py`` (ReLU per pass, sum,
 divide by max + 1e-5); ``minmax`` = SEAM ``infer_SEAM.py:72-77`` (sum, ReLU, (s - min - 1e-5) /
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MultilabelF1Score
 
 from segexp.losses.cam import gap_logits, multilabel_soft_margin
 from segexp.methods.base import SegMethod
@@ -98,6 +101,7 @@ class CAMMethod(SegMethod):
         self.flip: bool = bool(inference.get("flip", True))
         self.resize_mode: str = str(inference.get("resize_mode", "bicubic"))
         self.val_curve = CAMThresholdCurve(num_classes=self.num_classes, ignore_index=self.ignore_index)
+        self.val_cls_f1 = MultilabelF1Score(num_labels=self.num_classes - 1, average="micro", threshold=0.5)
 
     # -- the network ----------------------------------------------------------------------------
     @property
@@ -160,6 +164,9 @@ class CAMMethod(SegMethod):
             cm.update(scores, batch["mask"])
             if cm is self.val_cm:
                 self.val_curve.update(cams.float(), batch["mask"])
+        if cm is self.val_cm and "labels" in batch:  # one more forward: fg_cams may not be the raw CAM
+            logits = self.fg_logits(self(batch["image"])["cam"])
+            self.val_cls_f1.update(torch.sigmoid(logits.float()), batch["labels"].long())
         return scores
 
     def on_validation_epoch_end(self) -> None:
@@ -167,4 +174,7 @@ class CAMMethod(SegMethod):
         self.log("val/cam_best_mIoU", result["best_mIoU"], sync_dist=False)
         self.log("val/cam_best_threshold", result["best_threshold"], sync_dist=False)
         self.val_curve.reset()
+        if self.val_cls_f1.update_called:
+            self.log("val/cls_F1", self.val_cls_f1.compute(), sync_dist=False)  # torchmetrics syncs ranks
+        self.val_cls_f1.reset()
         super().on_validation_epoch_end()

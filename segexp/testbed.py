@@ -1,0 +1,183 @@
+"""``python -m segexp.testbed diagnose RUN_DIR``: measure a trained CAM network on its testbed mechanism.
+
+Why: the testbed's sets are built so that a paper's problem appears (segexp/data/testbed.py); these
+diagnostics say whether it did, for any trained image-level run (cam, seam, sccam, ppc, fbr ...):
+
+* co-occurrence set: share of the class's CAM (> 0.5) on its co-occurring stuff (val images that show
+  both), the classifier's false-positive rate on stuff-only images and its miss rate on class-only
+  images (the test split's counterfactuals), next to the rates where the pairing holds;
+* part set: CAM recall on the badge and on the body, and the badge's share of the object's CAM.
+
+Everything is read from the generated root's files (VOC JPEG/PNG, COCO panoptic for the stuff kinds,
+COCO instances ``attributes.badge`` for the badges). ``--root`` diagnoses a run on another root, e.g.
+a model trained without the mechanism on the co-occurrence set. The report is printed and written to
+``RUN_DIR/testbed_diagnostics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from pycocotools import mask as coco_mask
+
+from segexp.data.io import IGNORE_INDEX, read_image, read_label_png, read_split_file, rgb_to_id
+from segexp.data.synth import CLASS_NAMES, COMPLETE_MARKER, STUFF_NAMES, SynthLayout, stuff_category_id
+from segexp.data.testbed import Testbed
+from segexp.metrics.testbed import CoocDiagnostics, PartDiagnostics
+from segexp.utils.atomic import write_json
+
+__all__ = ["diagnose", "main"]
+
+
+def _checkpoint(run_dir: Path, which: str) -> Path:
+    if which not in ("last", "best"):
+        return Path(which)
+    if which == "last":
+        return run_dir / "checkpoints" / "last.ckpt"
+    best = sorted((run_dir / "checkpoints").glob("epoch_*.ckpt"))
+    if not best:
+        raise FileNotFoundError(f"no epoch_*.ckpt in {run_dir / 'checkpoints'}; pass --ckpt last or a path")
+    return best[-1]
+
+
+def _load_run(run_dir: Path, which: str):
+    """The run's method (from its saved config.yaml) with the chosen checkpoint's weights, and its root."""
+    import segexp.utils.resolvers  # noqa: F401 - the config's resolvers
+    from segexp.postprocess.cam_export import load_method
+
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} not found: RUN_DIR must be a segexp.train run directory")
+    cfg = OmegaConf.load(config)
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    root = Path(OmegaConf.select(cfg, "data.prepare.root", throw_on_resolution_failure=True))
+    return load_method(method_cfg, _checkpoint(run_dir, which)), root
+
+
+class _Root:
+    """Per-image reads of a generated root (real files, the writer's layout)."""
+
+    def __init__(self, root: Path):
+        self.layout = SynthLayout(root)
+        marker = root / COMPLETE_MARKER
+        if not marker.is_file():
+            raise FileNotFoundError(f"{marker} not found: {root} is not a complete synthetic set")
+        self.testbed = Testbed.from_dict(json.loads(marker.read_text())["testbed"])
+
+    def images(self, split: str, limit: int | None) -> Iterator[dict[str, Any]]:
+        ids = read_split_file(self.layout.voc_split_file(split))[:limit]
+        panoptic = json.loads(self.layout.coco_panoptic_json(split).read_text())
+        segments = {Path(a["file_name"]).stem: a["segments_info"] for a in panoptic["annotations"]}
+        instances = json.loads(self.layout.coco_instances_json(split).read_text())
+        by_image: dict[int, list] = {}
+        for ann in instances["annotations"]:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+        image_ids = {Path(im["file_name"]).stem: im["id"] for im in instances["images"]}
+        for sid in ids:
+            ids_map = rgb_to_id(read_label_png(self.layout.coco_panoptic_png(split, sid)))
+            stuff = {name: np.zeros(ids_map.shape, bool) for name in STUFF_NAMES}
+            for seg in segments[sid]:
+                for s, name in enumerate(STUFF_NAMES):
+                    if seg["category_id"] == stuff_category_id(s):
+                        stuff[name] |= ids_map == seg["id"]
+            yield {
+                "id": sid,
+                "image": read_image(self.layout.voc_jpeg(sid)),
+                "semantic": read_label_png(self.layout.voc_class_png(sid)),
+                "stuff": stuff,
+                "objects": by_image.get(image_ids[sid], []),
+            }
+
+
+@torch.no_grad()
+def _cams_and_probabilities(method, image: np.ndarray, present: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Label-masked normalised single-scale CAMs (K, H, W) and class probabilities (K,)."""
+    from segexp.postprocess.cam_export import image_tensor
+
+    x = image_tensor(image)
+    labels = torch.zeros(1, len(CLASS_NAMES) - 1)
+    labels[0, [c - 1 for c in present]] = 1
+    cams = method.single_scale_cams(x, labels)[0].numpy()
+    probabilities = torch.sigmoid(method.fg_logits(method(x)["cam"]))[0].numpy()
+    return cams, probabilities
+
+
+def _cooc_report(method, root: _Root, limit: int | None) -> dict[str, Any]:
+    report = {}
+    for cls_name, stuff_name in root.testbed.cooc.pairs.items():
+        c = CLASS_NAMES.index(cls_name)
+        diag = CoocDiagnostics()
+        for split in ("val", root.testbed.cooc.counterfactual_split or "test"):
+            for item in root.images(split, limit):
+                present = sorted({int(v) for v in np.unique(item["semantic"]) if 0 < v < IGNORE_INDEX})
+                has_class, has_stuff = c in present, bool(item["stuff"][stuff_name].any())
+                cams, probabilities = _cams_and_probabilities(method, item["image"], present)
+                group = ("class_on_stuff" if has_stuff else "class_without_stuff") if has_class else (
+                    "stuff_without_class" if has_stuff else "neither")  # fmt: skip
+                diag.update_score(group, probabilities[c - 1])
+                if group == "class_on_stuff" and split == "val":
+                    diag.update_cam(cams[c - 1], item["stuff"][stuff_name], item["semantic"] == c)
+        report[f"{cls_name}/{stuff_name}"] = diag.report()
+    return report
+
+
+def _decode(rle: dict[str, Any]) -> np.ndarray:
+    return coco_mask.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+
+
+def _parts_report(method, root: _Root, limit: int | None) -> dict[str, Any]:
+    diag = PartDiagnostics()
+    for item in root.images("val", limit):
+        present = sorted({int(ann["category_id"]) for ann in item["objects"]})
+        cams, _ = _cams_and_probabilities(method, item["image"], present)
+        for ann in item["objects"]:
+            badge, obj = _decode(ann["attributes"]["badge"]), _decode(ann["segmentation"])
+            diag.update(cams[ann["category_id"] - 1], badge, obj)
+    return diag.report()
+
+
+def diagnose(run_dir: str | Path, root: str | Path | None = None, ckpt: str = "last",
+             limit: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """The mechanism diagnostics of a run (see the module docstring)."""
+    run_dir = Path(run_dir)
+    method, run_root = _load_run(run_dir, ckpt)
+    data = _Root(Path(root) if root is not None else run_root)
+    report: dict[str, Any] = {"run": str(run_dir), "root": str(data.layout.root), "ckpt": ckpt}
+    if data.testbed.cooc is not None:
+        report["cooc"] = _cooc_report(method, data, limit)
+    if data.testbed.parts is not None:
+        report["parts"] = _parts_report(method, data, limit)
+    if len(report) == 3:
+        raise ValueError(f"{data.layout.root}: its testbed has neither cooc nor parts; nothing to diagnose")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m segexp.testbed", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("diagnose", help="mechanism diagnostics of a trained image-level run")
+    d.add_argument("run_dir", type=Path, help="a segexp.train run directory (config.yaml + checkpoints/)")
+    d.add_argument("--root", type=Path, help="another generated root to diagnose on (default: the run's)")
+    d.add_argument("--ckpt", default="last", help="last | best | a checkpoint path")
+    d.add_argument("--max-images", type=int, help="per split (default: all)")
+    args = parser.parse_args(argv)
+    try:
+        report = diagnose(args.run_dir, args.root, args.ckpt, args.max_images)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_json(args.run_dir / "testbed_diagnostics.json", report)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Mechanism diagnostics: hand-computed values, and `segexp.testbed diagnose` on a real run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import assert_ok, run_cli
+
+from segexp.metrics.testbed import CoocDiagnostics, PartDiagnostics, purity
+
+
+def test_cooc_cam_shares_and_rates_by_hand():
+    diag = CoocDiagnostics(threshold=0.5)
+    cam = np.array([[0.9, 0.8, 0.1], [0.6, 0.2, 0.7]])
+    stuff = np.array([[1, 0, 0], [1, 1, 1]], bool)
+    cls = np.array([[0, 1, 1], [0, 0, 0]], bool)
+    diag.update_cam(cam, stuff, cls)  # high: 4 pixels; on stuff: (0,0) (1,0) (1,2) = 3; on class: (0,1) = 1
+    for p in (0.9, 0.2, 0.7, 0.4):
+        diag.update_score("stuff_without_class", p)
+    for p in (0.1, 0.6):
+        diag.update_score("class_without_stuff", p)
+    report = diag.report()
+    assert report["cam_share_on_stuff"] == pytest.approx(0.75)
+    assert report["cam_share_on_class"] == pytest.approx(0.25)
+    assert report["fp_rate/stuff_without_class"] == pytest.approx(0.5)
+    assert report["miss_rate/class_without_stuff"] == pytest.approx(0.5)
+    assert report["n/stuff_without_class"] == 4
+    assert math.isnan(CoocDiagnostics().report()["cam_share_on_stuff"])
+
+
+def test_part_coverage_by_hand():
+    diag = PartDiagnostics(threshold=0.5)
+    obj = np.zeros((4, 4), bool)
+    obj[:, :3] = True  # 12 px object
+    badge = np.zeros((4, 4), bool)
+    badge[1:3, 1] = True  # 2 px badge, 10 px body
+    cam = np.zeros((4, 4))
+    cam[1:3, 1] = 1.0  # the whole badge
+    cam[0, 0] = 0.6  # one body pixel
+    diag.update(cam, badge, obj)
+    report = diag.report()
+    assert report["badge_recall"] == 1.0 and report["body_recall"] == pytest.approx(0.1)
+    assert report["badge_share_of_object_cam"] == pytest.approx(2 / 3)
+    assert report["badge_share_of_object_area"] == pytest.approx(2 / 12)
+
+
+def test_purity():
+    assert purity([0, 0, 1, 1, 1], ["a", "a", "b", "b", "a"]) == pytest.approx(0.8)
+    assert purity([0, 0, 0], ["a", "b", "c"]) == pytest.approx(1 / 3)
+    assert purity([0, 1, 2], ["a", "b", "c"]) == 1.0
+
+
+@pytest.mark.parametrize("testbed", ["cooc", "parts"])
+def test_diagnose_a_trained_run(tmp_path, testbed):
+    """A few CAM steps on a tiny mechanism set, then the diagnostics read its run directory."""
+    from segexp.testbed import main
+
+    run_dir = tmp_path / "run"
+    args = ["+experiment=cam_shapes", f"testbed={testbed}", f"paths.data_dir={tmp_path}",
+            f"hydra.run.dir={run_dir}", "data.prepare.num_images=20", "+trainer.max_steps=2",
+            "+trainer.limit_val_batches=1", "test=false", "data.num_workers=0"]  # fmt: skip
+    assert_ok(run_cli("segexp.train", args, cwd=tmp_path))
+    assert main(["diagnose", str(run_dir), "--max-images", "6"]) == 0
+    report = json.loads((run_dir / "testbed_diagnostics.json").read_text())
+    if testbed == "cooc":
+        rates = report["cooc"]["circle/water"]
+        assert 0 <= rates["cam_share_on_stuff"] + rates["cam_share_on_class"] <= 1 or math.isnan(
+            rates["cam_share_on_stuff"]
+        )
+        counted = sum(v for k, v in rates.items() if k.startswith("n/"))
+        assert counted == 4 + 4  # val and the counterfactual test split: 4 images each of 20
+        assert {"n/stuff_without_class", "n/class_without_stuff"} <= set(rates)
+    else:
+        parts = report["parts"]
+        assert 0.05 < parts["badge_share_of_object_area"] < 0.35
+    assert main(["diagnose", str(tmp_path / "nowhere")]) == 2
