@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
-EXPERIMENT ?= box2seg_shapes
+EXPERIMENT ?= cam_shapes
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv: pinned torch/torchvision first, then segexp (editable) + dev extras
 
-train: $(STAMP) ## train + test the default experiment (EXPERIMENT=box2seg_shapes); any Hydra override via ARGS="..."
+train: $(STAMP) ## train + test the default experiment (EXPERIMENT=cam_shapes); any Hydra override via ARGS="..."
 	$(PY) -m segexp.train +experiment=$(EXPERIMENT) $(ARGS)
 
 # Two pytest workers with one torch thread each: on 2 cores, more threads than cores makes

@@ -6,7 +6,11 @@ diagnostics say whether it did, for any trained image-level run (cam, seam, scca
 * co-occurrence set: share of the class's CAM (> 0.5) on its co-occurring stuff (val images that show
   both), the classifier's false-positive rate on stuff-only images and its miss rate on class-only
   images (the test split's counterfactuals), next to the rates where the pairing holds;
-* part set: CAM recall on the badge and on the body, and the badge's share of the object's CAM.
+* part set: CAM recall on the badge and on the body, and the badge's share of the object's CAM; and
+  SC-CAM's question, whether the body sub-types form clusters: per-class k-means (K = the number of
+  body sub-types, as SC-CAM clusters) of the network's features of the train images (global average
+  of the backbone's last map, SC-CAM's feature), purity against each image's body sub-type, next to
+  the purity of putting every image in one cluster.
 
 Everything is read from the generated root's files (VOC JPEG/PNG, COCO panoptic for the stuff kinds,
 COCO instances ``attributes.badge`` for the badges). ``--root`` diagnoses a run on another root, e.g.
@@ -31,7 +35,7 @@ from pycocotools import mask as coco_mask
 from segexp.data.io import IGNORE_INDEX, read_image, read_label_png, read_split_file, rgb_to_id
 from segexp.data.synth import CLASS_NAMES, COMPLETE_MARKER, STUFF_NAMES, SynthLayout, stuff_category_id
 from segexp.data.testbed import Testbed
-from segexp.metrics.testbed import CoocDiagnostics, PartDiagnostics
+from segexp.metrics.testbed import CoocDiagnostics, PartDiagnostics, purity
 from segexp.utils.atomic import write_json
 
 __all__ = ["diagnose", "main"]
@@ -141,7 +145,34 @@ def _parts_report(method, root: _Root, limit: int | None) -> dict[str, Any]:
         for ann in item["objects"]:
             badge, obj = _decode(ann["attributes"]["badge"]), _decode(ann["segmentation"])
             diag.update(cams[ann["category_id"] - 1], badge, obj)
-    return diag.report()
+    return {**diag.report(), **_subtype_purity(method, root, limit)}
+
+
+@torch.no_grad()
+def _subtype_purity(method, root: _Root, limit: int | None) -> dict[str, float]:
+    """Per-class k-means of the train images' features vs the body sub-type of the class's largest object."""
+    from segexp.postprocess.cam_export import image_tensor
+    from segexp.postprocess.subcategory import cluster_per_class
+
+    features, labels, subtypes = [], [], []
+    for item in root.images("train", limit):
+        features.append(method.model.backbone(image_tensor(item["image"]))[-1].mean((2, 3))[0].numpy())
+        row, body = np.zeros(len(CLASS_NAMES) - 1), [""] * (len(CLASS_NAMES) - 1)
+        for ann in sorted(item["objects"], key=lambda a: a["area"]):  # the largest object last: it decides
+            row[ann["category_id"] - 1] = 1
+            body[ann["category_id"] - 1] = ann["attributes"]["body"]
+        labels.append(row)
+        subtypes.append(body)
+    k = len(root.testbed.parts.bodies)
+    clusters, _ = cluster_per_class(np.stack(features), np.stack(labels), k)
+    matched = one_cluster = total = 0
+    for c in range(clusters.shape[1]):
+        members = np.flatnonzero(clusters[:, c] >= 0)
+        truth = np.array([subtypes[n][c] for n in members])
+        matched += purity(clusters[members, c], truth) * len(members)
+        one_cluster += purity(np.zeros(len(members)), truth) * len(members)
+        total += len(members)
+    return {"subtype_purity": matched / total, "subtype_purity_one_cluster": one_cluster / total, "k": k}
 
 
 def diagnose(run_dir: str | Path, root: str | Path | None = None, ckpt: str = "last",

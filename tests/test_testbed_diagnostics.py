@@ -76,4 +76,5 @@ def test_diagnose_a_trained_run(tmp_path, testbed):
     else:
         parts = report["parts"]
         assert 0.05 < parts["badge_share_of_object_area"] < 0.35
+        assert parts["k"] == 3 and parts["subtype_purity"] >= parts["subtype_purity_one_cluster"]
     assert main(["diagnose", str(tmp_path / "nowhere")]) == 2
