@@ -13,11 +13,11 @@ import pytest
 from fixtures_formats import VOC_IDS, write_sod_set, write_voc_tree
 
 from segexp.data.check import check_split, format_report, validate_sample
-from segexp.data.testbed import Testbed
 from segexp.data.io import write_palette_png
 from segexp.data.readers.base import Reader
 from segexp.data.readers.sod import SalientObjects
 from segexp.data.readers.voc import VOCSegmentation
+from segexp.data.testbed import Testbed
 
 REPO = Path(__file__).resolve().parents[1]
 

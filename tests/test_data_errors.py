@@ -13,7 +13,6 @@ from tests.conftest import compose
 @pytest.fixture()
 def broken_tree(tmp_path):
     from segexp.data.synth import ensure_synthetic
-
     from segexp.data.testbed import Testbed
 
     src = ensure_synthetic(tmp_path / "src", num_images=10, size=64, seed=1)

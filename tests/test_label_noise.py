@@ -68,7 +68,8 @@ def test_swap_inverts_the_map_and_keeps_the_rest():
 def test_only_the_training_split_is_corrupted(data_dir, tmp_path):
     wrapper = "[{_target_: segexp.data.label_noise.LabelNoise, _partial_: true, fraction: 0.5}]"
     cfg = compose(["+experiment=cas_shapes_sod", *SMALL_SYNTH, f"paths.data_dir={data_dir}",
-                   "data.num_workers=0", f"+data.train_wrappers={wrapper}"], out_dir=tmp_path)  # the swap option
+                   "data.num_workers=0", f"+data.train_wrappers={wrapper}"],  # the mask-swap option
+                  out_dir=tmp_path)
     dm = hydra.utils.instantiate(cfg.data, train_keys=["image", "saliency"], eval_keys=["image", "saliency"])
     dm.prepare_data()
     dm.setup("fit")

@@ -24,8 +24,8 @@ from segexp.data.io import (
 )
 from segexp.data.synth import (
     CLASS_NAMES,
-    LEGACY,
     COMPLETE_MARKER,
+    LEGACY,
     STUFF_NAMES,
     SynthLayout,
     ensure_synthetic,
@@ -294,8 +294,8 @@ def test_bright_contrast_separates_figure_from_ground_but_not_the_classes(many_s
     def fill(pixels):
         return np.median(pixels[(pixels != synth.OUTLINE_COLOUR).any(axis=1)], axis=0)
 
-    objects = [(c, fill(s.image[s.instances == k + 1])) for s in
-               (render_sample(i, SIZE, SEED) for i in range(120)) for k, c in enumerate(s.classes)]  # fmt: skip
+    rendered = [render_sample(i, SIZE, SEED) for i in range(120)]
+    objects = [(c, fill(s.image[s.instances == k + 1])) for s in rendered for k, c in enumerate(s.classes)]
     means = [np.mean([m for c, m in objects if c == cls], axis=0) for cls in range(1, len(CLASS_NAMES))]
     assert np.ptp(np.array(means), axis=0).max() < 25
 
