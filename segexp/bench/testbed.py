@@ -39,9 +39,9 @@ RECIPES: dict[str, tuple[str, float] | None] = {
 
 
 def _first_batch(cfg) -> dict:
-    import hydra
+    from segexp.runner import build_datamodule
 
-    datamodule = hydra.utils.instantiate(cfg.data, _recursive_=False)
+    datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
     return next(iter(datamodule.train_dataloader()))
@@ -50,11 +50,14 @@ def _first_batch(cfg) -> dict:
 def step_rate(experiment: str, data_dir: Path, steps: int) -> dict:
     """Training steps per second of one recipe on a batch of its own data."""
     import hydra
+    from omegaconf import OmegaConf
 
     from segexp.pipeline import compose
 
-    cfg = compose([f"+experiment={experiment}", f"paths.data_dir={data_dir}", "data.prepare.num_images=64",
-                   "data.num_workers=0"])  # fmt: skip
+    cfg = compose([f"+experiment={experiment}", f"paths.data_dir={data_dir}", "data.num_workers=0"])
+    train_images = round(cfg.data.prepare.num_images * cfg.data.prepare.split_fractions[0])
+    planned = -(-train_images // cfg.data.batch_size) * cfg.schedule.epochs  # the recipe's steps
+    OmegaConf.update(cfg, "data.prepare.num_images", 64)  # a batch is all the timing needs
     batch = _first_batch(cfg)
     method = hydra.utils.instantiate(cfg.method)
     method.train()
@@ -72,9 +75,6 @@ def step_rate(experiment: str, data_dir: Path, steps: int) -> dict:
     for _ in range(steps):
         step()
     rate = steps / (time.perf_counter() - t0)
-    train_images = round(cfg.data.prepare.num_images * cfg.data.prepare.split_fractions[0])
-    per_epoch = -(-train_images // cfg.data.batch_size)
-    planned = per_epoch * cfg.schedule.epochs
     return {
         "recipe": experiment,
         "backbone": cfg.backbone.name,

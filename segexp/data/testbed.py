@@ -145,6 +145,7 @@ MECHANISMS = tuple(_MECHANISMS)
 class Testbed:
     """Every drawing setting of a synthetic set (defaults: the learnable rendering, no mechanism)."""
 
+    __test__ = False  # not a pytest test class, despite the name
     style: str = "plain"  # plain = flat colours | textured
     outline_px: int = 1  # dark contour drawn inside every object's outer boundary (0 = none)
     figure_contrast: str = "bright"  # bright: objects U(140,255) per channel on stuff darkened x0.45
