@@ -475,10 +475,11 @@ class _CoocPlan:
         """The fixed stuffs this image's background is made of (empty: the random stuffs)."""
         if self.counterfactual == "class_without_stuff":
             return []
+        stuffs = sorted(set(self.pairs.values()))
         if self.counterfactual == "stuff_without_class":
-            return [sorted(set(self.pairs.values()))[int(self.rng.integers(len(set(self.pairs.values()))))]]
+            return [stuffs[int(self.rng.integers(len(stuffs)))]]
         on = []
-        for stuff in sorted(set(self.pairs.values())):
+        for stuff in stuffs:
             has_class = any(self.pairs.get(c) == stuff for c in classes)
             if self.rng.uniform() < (self.spec.p if has_class else self.spec.q):
                 on.append(stuff)
