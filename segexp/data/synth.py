@@ -53,7 +53,7 @@ from segexp.data.io import (
     write_rgb_png,
     write_voc_xml,
 )
-from segexp.data.testbed import FIXED_STUFF, LEGACY, MECHANISMS, STYLES, Testbed
+from segexp.data.testbed import FIXED_STUFF, LEGACY, MECHANISMS, SHAPE_CLASSES, STYLES, Testbed
 from segexp.utils.atomic import write_bytes, write_json, write_text
 
 _logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ _logger = logging.getLogger(__name__)
 # 2: testbed knobs and mechanisms; the default rendering is the learnable one.
 FORMAT_VERSION = 2
 
-CLASS_NAMES = ("background", "circle", "square", "triangle", "star", "cross")
+CLASS_NAMES = ("background", *SHAPE_CLASSES)  # identity lives in the shape
 RANDOM_STUFF = ("stuff_a", "stuff_b", "stuff_c")  # random colours; the kind is the texture
 STUFF_NAMES = RANDOM_STUFF + FIXED_STUFF
 SPLITS = ("train", "val", "test")

@@ -32,7 +32,7 @@ CONTRASTS = ("none", "bright")
 FIXED_STUFF = ("water", "grass")  # stuff kinds with a fixed appearance, drawn only by `cooc`
 BODIES = ("disc", "bar", "ring")
 SOD_NOISE_KINDS = ("fp_stuff", "fn_part", "dilate", "drop_object")
-SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross")
+SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross")  # synth.CLASS_NAMES[1:]
 
 
 def _pair(value: Any, kind: type, name: str) -> tuple:
