@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,8 @@ def run(overrides: list[str], directory: str | None = None, stop_after: str | No
     context = PipelineContext(cfg=cfg, overrides=[a for a in overrides if not is_stage_setting(a)], root=root)
     report = context.report
     report["dir"] = str(root)
+    report["overrides"] = list(overrides)  # what `segexp.report` groups pipeline runs by
+    started = time.monotonic()
 
     # 1. CAM network
     stage1 = hydra.utils.instantiate(cfg.pipeline.cam_network)(context)
@@ -308,6 +311,7 @@ def run(overrides: list[str], directory: str | None = None, stop_after: str | No
         method_overrides=method_overrides,
     )
     report["retrain"] = stage4["metrics"]
+    report["wall_s"] = time.monotonic() - started  # this call's time: stages found current count ~0
     write_json(root / "pipeline_report.json", report)
     return report
 

@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 from segexp.utils.cli import normalize_overrides
 from tests.conftest import CONF_DIR, SMALL_SYNTH, compose
 
-EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+# study_* files are their base experiment plus a sweep: composed per variant in tests/test_studies.py
+_NAMES = (p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(name for name in _NAMES if not name.startswith("study_"))
 TINY = ["data.batch_size=2", "data.eval_batch_size=2", "data.num_workers=0", "backbone.pretrained=false"]
 
 

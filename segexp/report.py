@@ -1,0 +1,366 @@
+"""Mean ± std over seeds from run directories: ``python -m segexp.report DIR [DIR ...] [options]``.
+
+Why: one seed on CPU decides nothing (two runs of one config differ by ~1.5 points), so every
+results table of a study is made here from the runs themselves, never typed by hand.
+
+A *job* is a directory holding ``.hydra/overrides.yaml`` (a ``segexp.train`` / ``segexp.eval`` run or
+multirun job, grid or Optuna) or ``pipeline_report.json`` (a ``segexp.pipeline`` run). Its metrics come
+from ``metrics.json`` (pipeline: the report, flattened per stage: ``train/...``, ``cam/best_mIoU``,
+``crf/pseudo_mIoU``, ``retrain/test/mIoU``). A job without metrics is *failed* (crashed or unfinished):
+it is counted and listed, never averaged.
+
+Jobs are grouped by the overrides that differ between them, except ``seed`` (``--by`` names the keys
+instead). ``--compare KEY[=BASELINE]`` adds, within each group of the other keys, the difference of
+every value of KEY to the baseline value and whether it is *beyond 2 std* (|Δ| > 2 × the larger of
+the two groups' std): the test each study's ``results.md`` applies.
+
+Writes ``report.md``, ``report.csv`` and ``report.png`` (bars with std error bars) into ``--out``
+(default: the first DIR) and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import io
+import json
+import math
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from segexp.utils.atomic import atomic_path, write_text
+
+#: overrides that say where or how a job ran, not what it is
+NON_GROUPING = ("seed", "paths.*", "hydra.*", "data.num_workers", "trainer.accelerator", "trainer.devices")
+
+
+@dataclass
+class Job:
+    path: Path
+    overrides: dict[str, str]
+    metrics: dict[str, float] | None  # None: the job has no metrics (failed or unfinished)
+    wall_s: float | None = None
+
+
+@dataclass
+class Group:
+    key: tuple[tuple[str, str], ...]
+    jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def done(self) -> list[Job]:
+        return [j for j in self.jobs if j.metrics is not None]
+
+    @property
+    def failed(self) -> list[Job]:
+        return [j for j in self.jobs if j.metrics is None]
+
+    def values(self, metric: str) -> list[float]:
+        out = []
+        for job in self.done:
+            v = job.metrics.get(metric)
+            if v is not None and math.isfinite(v):
+                out.append(float(v))
+        return out
+
+    def label(self, short: dict[str, str]) -> str:
+        return ", ".join(f"{short[k]}={v}" for k, v in self.key) or "all"
+
+
+def parse_overrides(lines: Iterable[str]) -> dict[str, str]:
+    """``['+experiment=x', 'loss=ce']`` -> ``{'experiment': 'x', 'loss': 'ce'}`` (``+``, ``~`` dropped)."""
+    out = {}
+    for line in lines:
+        key, sep, value = str(line).partition("=")
+        out[key.lstrip("+~")] = value if sep else ""
+    return out
+
+
+def _flatten(node: dict, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def pipeline_metrics(report: dict) -> dict[str, float]:
+    """A pipeline report flattened to ``<stage>/<metric>``: each stage's score, one row per run."""
+    skip = {"dir", "overrides", "wall_s"}
+    return _flatten({k: v for k, v in report.items() if k not in skip and isinstance(v, dict)})
+
+
+def read_job(path: Path) -> Job:
+    """One job directory -> :class:`Job` (metrics ``None`` when it has none: failed or unfinished)."""
+    pipeline = path / "pipeline_report.json"
+    if pipeline.is_file():
+        rep = json.loads(pipeline.read_text())
+        return Job(path, parse_overrides(rep.get("overrides", [])), pipeline_metrics(rep), rep.get("wall_s"))
+    overrides = parse_overrides(yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text()) or [])
+    metrics_file = path / "metrics.json"
+    if not metrics_file.is_file():
+        return Job(path, overrides, None)
+    metrics = {k: float(v) for k, v in json.loads(metrics_file.read_text()).items() if v is not None}
+    start = path / ".hydra" / "config.yaml"  # written when the job starts
+    wall = metrics_file.stat().st_mtime - start.stat().st_mtime if start.is_file() else None
+    return Job(path, overrides, metrics, wall)
+
+
+def _job_order(path: Path) -> tuple:
+    """Multirun jobs in launch order (``2`` before ``10``), then by name."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.parts)
+
+
+def find_jobs(roots: Sequence[Path]) -> list[Job]:
+    """Every job under ``roots`` (a job directory itself, a multirun/sweep directory, or any tree).
+
+    A pipeline's own training runs (``<pipeline>/train``, ``<pipeline>/retrain``) are its stages, not jobs.
+    """
+    dirs: set[Path] = set()
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such run directory")
+        for marker in ("pipeline_report.json", ".hydra/overrides.yaml"):
+            dirs.update(p.parent if marker.endswith(".json") else p.parent.parent for p in root.rglob(marker))
+    pipelines = {d for d in dirs if (d / "pipeline_report.json").is_file()}
+    jobs = [d for d in dirs if not any(p in d.parents for p in pipelines)]
+    return [read_job(d) for d in sorted(jobs, key=_job_order)]
+
+
+def _ignored(key: str, ignore: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in ignore)
+
+
+def swept_keys(jobs: Sequence[Job], ignore: Sequence[str] = NON_GROUPING) -> list[str]:
+    """Override keys whose value is not the same in every job (missing counts as a value)."""
+    keys: list[str] = []
+    for job in jobs:
+        keys += [k for k in job.overrides if k not in keys]
+    return [k for k in keys if not _ignored(k, ignore) and len({j.overrides.get(k) for j in jobs}) > 1]
+
+
+def group_jobs(jobs: Sequence[Job], by: Sequence[str] | None = None) -> tuple[list[str], list[Group]]:
+    """Jobs grouped by ``by`` (default: the swept keys other than seed), groups in launch order."""
+    keys = list(by) if by is not None else swept_keys(jobs)
+    groups: dict[tuple, Group] = {}
+    for job in jobs:
+        key = tuple((k, job.overrides.get(k, "-")) for k in keys)
+        groups.setdefault(key, Group(key)).jobs.append(job)
+    return keys, list(groups.values())
+
+
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """The last dotted component of each key where that is unambiguous (``sod_noise.rate`` -> ``rate``)."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def select_metrics(groups: Sequence[Group], patterns: Sequence[str] | None) -> list[str]:
+    """Metric names in first-seen order, filtered by glob ``patterns`` (in the patterns' order)."""
+    seen: list[str] = []
+    for g in groups:
+        for job in g.done:
+            seen += [m for m in job.metrics if m not in seen]
+    if not patterns:
+        return seen
+    out: list[str] = []
+    for pattern in patterns:
+        out += [m for m in seen if fnmatch.fnmatchcase(m, pattern) and m not in out]
+    return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample std (n - 1); std is NaN for a single value (nothing to estimate it from)."""
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "-" if not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def cell(values: Sequence[float], n_jobs: int, digits: int) -> str:
+    if not values:
+        return "-"
+    m, s = mean_std(values)
+    text = _fmt(m, digits) if len(values) == 1 else f"{_fmt(m, digits)} ± {_fmt(s, digits)}"
+    return text if len(values) == n_jobs else f"{text} (n={len(values)})"
+
+
+@dataclass
+class Comparison:
+    group: Group
+    baseline: Group
+    metric: str
+    delta: float
+    beyond_2std: bool | None  # None: a side has fewer than 2 values, no std to judge by
+
+
+def compare(
+    groups: Sequence[Group], keys: Sequence[str], spec: str, metrics: Sequence[str]
+) -> list[Comparison]:
+    """Each group against the group that differs only in ``KEY`` and has the baseline value."""
+    key, _, base_value = spec.partition("=")
+    if key not in keys:
+        raise ValueError(
+            f"--compare {spec}: {key!r} is not a grouping key (grouping keys: {', '.join(keys) or 'none'})"
+        )
+    i = keys.index(key)
+    if not base_value:
+        base_value = groups[0].key[i][1]
+    if base_value not in {g.key[i][1] for g in groups}:
+        raise ValueError(f"--compare {spec}: no group has {key}={base_value}")
+    rest = lambda g: g.key[:i] + g.key[i + 1 :]  # noqa: E731
+    base = {rest(g): g for g in groups if g.key[i][1] == base_value}
+    out = []
+    for g in groups:
+        b = base.get(rest(g))
+        if b is None or b is g:
+            continue
+        for m in metrics:
+            gv, bv = g.values(m), b.values(m)
+            if not gv or not bv:
+                continue
+            (gm, gs), (bm, bs) = mean_std(gv), mean_std(bv)
+            judged = len(gv) > 1 and len(bv) > 1
+            out.append(Comparison(g, b, m, gm - bm, abs(gm - bm) > 2 * max(gs, bs) if judged else None))
+    return out
+
+
+def markdown(keys, groups, metrics, comparisons, digits: int = 3) -> str:
+    short = short_names(keys)
+    lines = ["| " + " | ".join([*map(short.get, keys), "n", *metrics, "wall s/job"]) + " |"]
+    lines.append("|" + "---|" * len(keys) + "---:|" * (len(metrics) + 2))
+    for g in groups:
+        n = f"{len(g.done)}" + (f" (+{len(g.failed)} failed)" if g.failed else "")
+        walls = [j.wall_s for j in g.done if j.wall_s is not None]
+        wall = f"{statistics.fmean(walls):.0f}" if walls else "-"
+        row = [v for _, v in g.key] + [n] + [cell(g.values(m), len(g.done), digits) for m in metrics] + [wall]
+        lines.append("| " + " | ".join(row) + " |")
+    if comparisons:
+        lines += ["", "| group | vs | metric | Δ mean | beyond 2 std |", "|---|---|---|---:|---|"]
+        verdict = {True: "yes", False: "no", None: "n < 2"}
+        for c in comparisons:
+            lines.append(
+                f"| {c.group.label(short)} | {c.baseline.label(short)} | {c.metric} | "
+                f"{c.delta:+.{digits}f} | {verdict[c.beyond_2std]} |"
+            )
+    failed = [j for g in groups for j in g.failed]
+    if failed:
+        lines += ["", "Failed or unfinished jobs (no metrics): " + ", ".join(str(j.path) for j in failed)]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(keys, groups, metrics) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(
+        [*keys, "n", "failed", *[f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")], "wall_s"]
+    )
+    for g in groups:
+        stats = []
+        for m in metrics:
+            values = g.values(m)
+            stats += [*mean_std(values), len(values)]
+        walls = [j.wall_s for j in g.done if j.wall_s is not None]
+        wall = statistics.fmean(walls) if walls else float("nan")
+        writer.writerow([v for _, v in g.key] + [len(g.done), len(g.failed), *stats, wall])
+    return buf.getvalue()
+
+
+def bar_chart(path: Path, keys, groups, metrics) -> None:
+    """One panel per metric, one bar per group, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    short = short_names(keys)
+    labels = [g.label(short) for g in groups]
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(max(4.0, 0.5 * len(groups) + 2) * len(metrics), 4), squeeze=False
+    )
+    for ax, m in zip(axes[0], metrics):
+        stats = [mean_std(g.values(m)) for g in groups]
+        ax.bar(
+            range(len(groups)),
+            [s[0] for s in stats],
+            yerr=[0 if math.isnan(s[1]) else s[1] for s in stats],
+            capsize=3,
+        )
+        ax.set_xticks(range(len(groups)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_title(m)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+def report(
+    dirs: Sequence[str | Path],
+    out: str | Path | None = None,
+    metrics: Sequence[str] | None = None,
+    by: Sequence[str] | None = None,
+    compare_spec: str | None = None,
+    digits: int = 3,
+    plot: bool = True,
+) -> str:
+    """Write ``report.md/.csv/.png`` for the jobs under ``dirs`` and return the Markdown."""
+    jobs = find_jobs([Path(d) for d in dirs])
+    if not jobs:
+        raise FileNotFoundError(
+            f"{', '.join(map(str, dirs))}: no run found (no .hydra/overrides.yaml or pipeline_report.json)"
+        )
+    keys, groups = group_jobs(jobs, by)
+    names = select_metrics(groups, metrics)
+    if metrics and not names:
+        raise ValueError(f"--metrics {' '.join(metrics)}: no job has such a metric")
+    comparisons = compare(groups, keys, compare_spec, names) if compare_spec else []
+    text = markdown(keys, groups, names, comparisons, digits)
+    out = Path(out) if out is not None else Path(dirs[0])
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "report.md", text)
+    write_text(out / "report.csv", csv_text(keys, groups, names))
+    if plot and names:
+        bar_chart(out / "report.png", keys, groups, names)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m segexp.report", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "dirs", nargs="+", help="multirun/sweep directories, pipeline directories or single runs"
+    )
+    parser.add_argument("--metrics", nargs="+", help="metric names or globs, in table order (default: all)")
+    parser.add_argument(
+        "--by", nargs="+", help="group by these override keys (default: the swept keys but seed)"
+    )
+    parser.add_argument(
+        "--compare", metavar="KEY[=BASELINE]", help="differences to the baseline value of KEY"
+    )
+    parser.add_argument("--out", help="where report.md/.csv/.png go (default: the first dir)")
+    parser.add_argument("--digits", type=int, default=3)
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        text = report(args.dirs, args.out, args.metrics, args.by, args.compare, args.digits, not args.no_plot)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"segexp.report: {err}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

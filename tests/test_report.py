@@ -1,0 +1,178 @@
+"""`segexp.report` on run directories written as Hydra and the pipeline write them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segexp import report as rp
+
+
+def make_job(sweep: Path, num: int, overrides: list[str], metrics: dict | None) -> Path:
+    """A multirun job directory: ``<sweep>/<num>/.hydra/{overrides,config}.yaml`` (+ ``metrics.json``)."""
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    if metrics is not None:
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    return job
+
+
+CE = {0: 0.80, 1: 0.84, 2: 0.82}
+CAS = {0: 0.90, 1: 0.91, 2: 0.92}
+
+
+@pytest.fixture
+def grid(tmp_path: Path) -> Path:
+    """loss x seed, launch order as Hydra numbers it; one CAS job lacks MAE."""
+    sweep = tmp_path / "multirun"
+    num = 0
+    for loss, scores in (("ce", CE), ("cas", CAS)):
+        for seed, s in scores.items():
+            metrics = {"test/S": s, "test/MAE": 1 - s}
+            if loss == "cas" and seed == 2:
+                del metrics["test/MAE"]
+            make_job(sweep, num, ["+experiment=study", f"loss={loss}", f"seed={seed}"], metrics)
+            num += 1
+    return sweep
+
+
+def test_groups_by_swept_keys_without_seed(grid):
+    keys, groups = rp.group_jobs(rp.find_jobs([grid]))
+    assert keys == ["loss"]
+    assert [g.key for g in groups] == [(("loss", "ce"),), (("loss", "cas"),)]
+    assert [len(g.done) for g in groups] == [3, 3]
+
+
+def test_mean_and_sample_std(grid):
+    _, groups = rp.group_jobs(rp.find_jobs([grid]))
+    m, s = rp.mean_std(groups[0].values("test/S"))
+    assert m == pytest.approx(0.82)
+    assert s == pytest.approx(0.02)  # sqrt(((-0.02)^2 + 0.02^2 + 0) / 2)
+    assert rp.cell(groups[0].values("test/S"), 3, 3) == "0.820 ± 0.020"
+
+
+def test_missing_metric_shows_its_own_n(grid, tmp_path):
+    text = rp.report([grid], out=tmp_path / "out", metrics=["test/S", "test/MAE"], plot=False)
+    cas_row = next(line for line in text.splitlines() if line.startswith("| cas "))
+    assert "0.095 ± 0.007 (n=2)" in cas_row  # MAE of seeds 0, 1 only: 0.10, 0.09
+    assert "0.910 ± 0.010" in cas_row
+
+
+def test_failed_job_is_counted_and_listed_not_averaged(grid, tmp_path):
+    failed = make_job(grid, 6, ["+experiment=study", "loss=ce", "seed=3"], None)
+    text = rp.report([grid], out=tmp_path / "out", metrics=["test/S"], plot=False)
+    ce_row = next(line for line in text.splitlines() if line.startswith("| ce "))
+    assert "| 3 (+1 failed) |" in ce_row
+    assert "0.820 ± 0.020" in ce_row
+    assert str(failed) in text
+
+
+def test_compare_flags_differences_beyond_two_std(grid):
+    keys, groups = rp.group_jobs(rp.find_jobs([grid]))
+    (s,) = rp.compare(groups, keys, "loss=ce", ["test/S"])
+    assert s.delta == pytest.approx(0.09)
+    assert s.beyond_2std is True  # 0.09 > 2 * 0.02
+    keys, groups = rp.group_jobs(rp.find_jobs([grid]))
+    groups[1].jobs[0].metrics["test/S"] = 0.80  # CAS 0.80, 0.91, 0.92: std 0.067
+    (s,) = rp.compare(groups, keys, "loss=ce", ["test/S"])
+    assert s.beyond_2std is False
+
+
+def test_compare_pairs_within_the_other_keys(tmp_path):
+    sweep = tmp_path / "m"
+    num = 0
+    for rate in ("0.0", "0.5"):
+        for loss in ("ce", "cas"):
+            for seed in range(2):
+                s = {"ce": 0.8, "cas": 0.9}[loss] - float(rate) * (loss == "ce") + 0.01 * seed
+                make_job(sweep, num, [f"loss={loss}", f"rate={rate}", f"seed={seed}"], {"S": s})
+                num += 1
+    keys, groups = rp.group_jobs(rp.find_jobs([sweep]))
+    comps = rp.compare(groups, keys, "loss=ce", ["S"])
+    assert [(dict(c.group.key)["rate"], round(c.delta, 6)) for c in comps] == [("0.0", 0.1), ("0.5", 0.6)]
+
+
+def test_compare_names_a_wrong_key(grid):
+    keys, groups = rp.group_jobs(rp.find_jobs([grid]))
+    with pytest.raises(ValueError, match="'lr' is not a grouping key"):
+        rp.compare(groups, keys, "lr", ["test/S"])
+
+
+def test_outputs_csv_markdown_and_chart(grid, tmp_path):
+    out = tmp_path / "out"
+    rp.report([grid], out=out, metrics=["test/S"])
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [r["loss"] for r in rows] == ["ce", "cas"]
+    assert float(rows[1]["test/S_mean"]) == pytest.approx(0.91)
+    assert float(rows[1]["test/S_std"]) == pytest.approx(statistics.stdev(CAS.values()))
+    assert (out / "report.md").read_text().startswith("| loss | n | test/S |")
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_launch_order_is_numeric(tmp_path):
+    sweep = tmp_path / "m"
+    for num in (10, 2, 1):
+        make_job(sweep, num, [f"lr={num}"], {"x": num})
+    assert [j.path.name for j in rp.find_jobs([sweep])] == ["1", "2", "10"]
+
+
+def test_optuna_trials_are_groups_of_one(tmp_path):
+    sweep = tmp_path / "optuna"
+    for num, lr in enumerate((0.01, 0.003)):
+        make_job(sweep, num, [f"schedule.optimizer.lr={lr}", "seed=0"], {"val/mIoU": 0.5 + lr})
+    (sweep / "optimization_results.yaml").write_text("best_value: 0.51\n")
+    text = rp.report([sweep], out=tmp_path / "out", plot=False)
+    assert "| 0.01 | 1 | 0.510 |" in text  # one value: no ± (no std from one run)
+
+
+def test_pipeline_runs_flatten_each_stage(tmp_path):
+    for seed, (cam, crf, retrain) in enumerate(((0.35, 0.45, 0.50), (0.37, 0.47, 0.54))):
+        root = tmp_path / f"pipe{seed}"
+        make_job(root, 0, [], {"val/mIoU": 0.1}).rename(root / "train")  # a stage's own run: not a job
+        report = {
+            "dir": str(root),
+            "overrides": ["+experiment=seam_shapes", f"seed={seed}"],
+            "wall_s": 100.0 + seed,
+            "train": {"val/cls_F1": 0.9},
+            "cam": {"best_mIoU": cam, "best_threshold": 0.3},
+            "crf": {"pseudo_mIoU": crf},
+            "retrain": {"test/mIoU": retrain},
+        }
+        (root / "pipeline_report.json").write_text(json.dumps(report))
+    jobs = rp.find_jobs([tmp_path])
+    assert [j.path.name for j in jobs] == ["pipe0", "pipe1"]
+    keys, groups = rp.group_jobs(jobs)
+    assert keys == [] and len(groups) == 1
+    metrics = rp.select_metrics(groups, ["cam/best_mIoU", "crf/pseudo_mIoU", "retrain/test/mIoU"])
+    assert metrics == ["cam/best_mIoU", "crf/pseudo_mIoU", "retrain/test/mIoU"]
+    assert rp.mean_std(groups[0].values("retrain/test/mIoU"))[0] == pytest.approx(0.52)
+    assert statistics.fmean(j.wall_s for j in jobs) == pytest.approx(100.5)
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert rp.main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no run found" in err and "empty" in err
+
+
+def test_cli_unknown_metric_is_named(grid, capsys):
+    assert rp.main([str(grid), "--metrics", "test/Sx", "--no-plot"]) == 2
+    assert "test/Sx" in capsys.readouterr().err
+
+
+def test_nan_metric_is_left_out_of_the_mean(tmp_path):
+    sweep = tmp_path / "m"
+    make_job(sweep, 0, ["seed=0"], {"x": 1.0})
+    make_job(sweep, 1, ["seed=1"], {"x": float("nan")})
+    _, (group,) = rp.group_jobs(rp.find_jobs([sweep]))
+    assert group.values("x") == [1.0]
+    assert math.isnan(rp.mean_std(group.values("x"))[1])
