@@ -38,7 +38,7 @@ test-slow: $(STAMP) ## only the long end-to-end runs (marked slow)
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check segexp tests
 
-format: $(STAMP) ## ruff --fix + format
+format: $(STAMP) ## ruff check --fix (lint autofixes only; the code is not run through `ruff format`)
 	$(VENV)/bin/ruff check --fix segexp tests
 
 bench: $(STAMP) ## speed/memory benchmarks (python -m segexp.bench --help)

@@ -36,6 +36,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from segexp.data.cache import file_key, stable_hash
 from segexp.utils.atomic import write_json
+from segexp.utils.cli import check_config_choices
+from segexp.utils.errors import user_errors
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +350,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--stop-after", choices=STAGES, default=None)
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    report = run(overrides, args.dir, args.stop_after)
+    with user_errors():
+        check_config_choices(overrides)
+        report = run(overrides, args.dir, args.stop_after)
     print(report)
     return report
 

@@ -27,7 +27,8 @@ import hydra
 from omegaconf import DictConfig
 
 import segexp.utils.resolvers  # noqa: F401  (registers ${segexp.*} resolvers)
-from segexp.utils.cli import normalize_overrides
+from segexp.utils.cli import check_config_choices, normalize_overrides
+from segexp.utils.errors import user_errors
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,12 @@ def main(cfg: DictConfig) -> None:
     from segexp.utils.config import print_config_tree
 
     print_config_tree(cfg, order=("stage", "data", "paths"))
-    run(cfg)
+    with user_errors():
+        run(cfg)
 
 
 if __name__ == "__main__":
+    with user_errors():
+        check_config_choices(sys.argv[1:])
     sys.argv[1:] = normalize_pseudo_overrides(sys.argv[1:])
     main()

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from segexp.utils.atomic import write_json, write_text
 from segexp.utils.config import instantiate_named
-from segexp.utils.dump import PredictionDump
+from segexp.utils.dump import PredictionDump, SaliencyDump
+from segexp.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,78 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     )
 
 
-def build_trainer(cfg: DictConfig, callbacks: list, loggers: list) -> pl.Trainer:
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+def check_data(cfg: DictConfig, datamodule: pl.LightningDataModule, stage: str) -> None:
+    """Open the dataset before any model is built: a missing or wrong data root fails in seconds,
+    with the setting that points at it, instead of after minutes of model building."""
+    from segexp.data.io import DatasetError
+
+    try:
+        datamodule.prepare_data()
+        datamodule.setup(stage)
+    except DatasetError as err:
+        raise UserError(
+            f"data '{cfg.data.get('name', '?')}': {err}\n"
+            f"  datasets are read under paths.data_dir={cfg.paths.data_dir}: set paths.data_dir=DIR "
+            "or SEGEXP_DATA=DIR (expected layouts: README, 'Real datasets')"
+        ) from err
+
+
+def provenance(cfg: DictConfig) -> dict[str, Any]:
+    """What a checkpoint records about its maker (checked by :func:`check_checkpoint`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    return {
+        "method": cfg.method.get("name"),
+        "method_target": cfg.method.get("_target_"),
+        "experiment": choices.get("experiment") or cfg.get("run_name"),
+    }
+
+
+def check_checkpoint(path: Path, cfg: DictConfig, method: pl.LightningModule) -> None:
+    """Refuse, in one line, a checkpoint another method made (or one whose weights do not fit)."""
+    if not path.is_file():
+        raise UserError(f"ckpt_path={path}: no such checkpoint file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    made_by = ckpt.get("segexp") or {}
+    wanted = cfg.method.get("_target_")
+    if made_by.get("method_target") and made_by["method_target"] != wanted:
+        raise UserError(
+            f"ckpt_path={path} was trained by method '{made_by.get('method')}' (experiment "
+            f"'{made_by.get('experiment')}'), this config builds '{cfg.method.get('name')}': "
+            f"evaluate it with +experiment={made_by.get('experiment')}"
+        )
+    have, need = set(ckpt.get("state_dict", {})), set(method.state_dict())
+    if have != need:
+        missing, extra = sorted(need - have), sorted(have - need)
+        raise UserError(
+            f"ckpt_path={path}: its weights do not fit method '{cfg.method.get('name')}' "
+            f"({len(missing)} missing, {len(extra)} unexpected, e.g. {(missing or extra)[0]!r}); "
+            "was it made by another experiment?"
+        )
+
+
+def build_dump(cfg: DictConfig, method: pl.LightningModule, datamodule: Any, out: Path, split: str) -> Any:
+    """What ``dump.*`` asks an evaluation to write: label PNGs + per-image CSV for segmentation
+    methods; for salient-object methods the continuous maps, in ``segexp.sod_eval``'s layout."""
+    from segexp.methods.sod_base import SODMethod
+
+    dump = cfg.get("dump") or {}
+    if isinstance(method, SODMethod):
+        if not dump.get("predictions"):
+            return None
+        names = list(getattr(datamodule, "test_set_names", None) or []) if split == "test" else []
+        return SaliencyDump(out, cfg.method.get("name", "method"), names or [cfg.data.name])
+    if dump.get("predictions") or dump.get("per_image"):
+        return PredictionDump(
+            out, method.num_classes, method.class_names, method.ignore_index,
+            predictions=bool(dump.get("predictions")), per_image=bool(dump.get("per_image")),
+        )  # fmt: skip
+    return None
+
+
+def build_trainer(cfg: DictConfig, callbacks: list, loggers: list, **overrides: Any) -> pl.Trainer:
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
 def check_launch(cfg: DictConfig) -> None:
@@ -99,7 +170,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_launch(cfg)
     out = output_dir(cfg)
     datamodule = build_datamodule(cfg)
+    check_data(cfg, datamodule, "fit")
     method = hydra.utils.instantiate(cfg.method)
+    method.provenance = provenance(cfg)
     callbacks = instantiate_named(cfg.get("callbacks"))
     loggers = instantiate_named(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)
@@ -130,27 +203,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
     from segexp.metrics.semantic import per_class_table
 
     pl.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg)
     ckpt = Path(cfg.ckpt_path)
     if not ckpt.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt}: no such checkpoint file")
-    datamodule = build_datamodule(cfg)
-    method = hydra.utils.instantiate(cfg.method)
-    dump = cfg.get("dump") or {}
-    if dump.get("predictions") or dump.get("per_image"):
-        method.dump = PredictionDump(out, method.num_classes, method.class_names, method.ignore_index,
-                                     predictions=bool(dump.get("predictions")),
-                                     per_image=bool(dump.get("per_image")))
-    loggers = instantiate_named(cfg.get("logger"))
-    trainer = build_trainer(cfg, instantiate_named(cfg.get("callbacks")), loggers)
-    if trainer.is_global_zero:
-        OmegaConf.save(cfg, out / "config.yaml", resolve=False)
+        raise UserError(f"ckpt_path={ckpt}: no such checkpoint file")
     split = cfg.get("split", "test")
     if split not in ("val", "test"):
-        raise ValueError(f"split={split!r}: choose val or test")
+        raise UserError(f"split={split!r}: choose val or test")
+    datamodule = build_datamodule(cfg)
+    check_data(cfg, datamodule, "fit" if split == "val" else "test")
+    method = hydra.utils.instantiate(cfg.method)
+    check_checkpoint(ckpt, cfg, method)
+    method.dump = build_dump(cfg, method, datamodule, out, split)
+    loggers = instantiate_named(cfg.get("logger"))
+    # evaluation writes no checkpoint: without a ModelCheckpoint, Lightning does not warn that the
+    # loaded checkpoint's directory differs from this run's
+    callbacks = [c for c in instantiate_named(cfg.get("callbacks")) if not isinstance(c, ModelCheckpoint)]
+    trainer = build_trainer(cfg, callbacks, loggers, enable_checkpointing=False)
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, out / "config.yaml", resolve=False)
     datamodule.setup("fit" if split == "val" else "test")
     loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
     # Lightning names test-loop metrics test/*; they are renamed after the split actually evaluated.
@@ -168,5 +244,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             }
             write_text(out / "per_class.md", per_class_table(result, method.class_names))
         print(f"run directory: {out}")
+        if isinstance(method.dump, SaliencyDump):
+            print(f"saliency maps: {method.dump.root} ({method.dump.count} images); score them with the "
+                  f"SOD toolkit: python -m segexp.sod_eval --pred-root {method.dump.root} "
+                  f"--methods {method.dump.method} --datasets {' '.join(method.dump.datasets)} --gt-root ...")
     finish_loggers(loggers)
     return metrics

@@ -2,8 +2,9 @@
 
     python -m segexp.sod_eval --pred-root DIR --gt-root DIR --methods A B --datasets X Y --out OUT
 
-Layout: ``pred_root/<method>/<dataset>/<stem>.{png,jpg,bmp}`` and
-``gt_root/<dataset>/<stem>.{png,jpg,bmp}``; files are matched by stem, every GT needs a
+Layout: ``pred_root/<method>/<dataset>/<stem>.{png,jpg,bmp}`` (what ``segexp.eval ... dump.predictions=true``
+writes for CAS/LDF under ``<run dir>/saliency``) and ``gt_root/<dataset>/<stem>.{png,jpg,bmp}``
+(``--gt-dir`` names another folder per dataset); files are matched by stem, every GT needs a
 prediction (a missing one is an error naming the expected file). Both are read as 8-bit
 grayscale with ``cv2.imread(..., IMREAD_GRAYSCALE)``; a prediction whose size differs from its
 GT is resized to the GT size with bilinear interpolation (``cv2.INTER_LINEAR``) -- metrics are
@@ -171,9 +172,19 @@ def _jsonable(r: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m segexp.sod_eval", description=__doc__.split("\n")[0])
-    ap.add_argument("--pred-root", type=Path, required=True)
-    ap.add_argument("--gt-root", type=Path, required=True)
+    ap = argparse.ArgumentParser(
+        prog="python -m segexp.sod_eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--pred-root", type=Path, required=True, help="<pred-root>/<method>/<dataset>/<stem>.png")
+    ap.add_argument("--gt-root", type=Path, required=True, help="<gt-root>/<gt-dir>/<stem>.png")
+    ap.add_argument(
+        "--gt-dir",
+        default="{dataset}",
+        help="each dataset's GT folder under --gt-root, '{dataset}' replaced by its name "
+        "(default: %(default)s); the synthetic set: --gt-root <data root>/SOD --gt-dir test/Mask",
+    )
     ap.add_argument("--methods", nargs="+", required=True)
     ap.add_argument("--datasets", nargs="+", required=True)
     ap.add_argument("--out", type=Path, required=True)
@@ -184,7 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {m: {} for m in args.methods}
     for d in args.datasets:
         for m in args.methods:
-            results[m][d] = evaluate(args.pred_root / m / d, args.gt_root / d, args.batch_size)
+            gt_dir = args.gt_root / args.gt_dir.format(dataset=d)
+            results[m][d] = evaluate(args.pred_root / m / d, gt_dir, args.batch_size)
             print(f"{m:>16s} {d:>12s}  " + "  ".join(f"{k} {results[m][d][k]:.3f}" for k in TABLE_METRICS))
     args.out.mkdir(parents=True, exist_ok=True)
     write_tables(results, args.methods, args.datasets, args.out, args.digits)

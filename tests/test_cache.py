@@ -102,11 +102,19 @@ def test_put_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in c.entries.iterdir()) == ["x.npz"]  # no temporary left behind
 
 
-def test_corrupt_entry_is_a_miss(tmp_path):
+def test_corrupt_entry_is_a_miss_and_said(tmp_path, caplog):
     c = StageCache(tmp_path, "cam", SETTINGS)
     c.put("x", "k", np.zeros(3))
     c.path("x").write_bytes(b"PK\x03\x04 truncated")
     assert c.get("x", "k") is None and c.missing(["x"], lambda i: "k") == ["x"]
+    assert str(c.path("x")) in caplog.text and "recomputing" in caplog.text
+
+
+def test_entries_are_readable_by_others_as_plain_files_are(tmp_path):
+    c = StageCache(tmp_path, "cam", SETTINGS)
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert c.put("x", "k", np.zeros(3)).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 def test_ids_with_slashes_and_settings_types(tmp_path):

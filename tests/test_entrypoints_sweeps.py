@@ -61,29 +61,37 @@ def test_wandb_offline_writes_a_run_with_metrics_and_images(data_dir, tmp_path):
     assert list((runs[0] / "files" / "media" / "images").rglob("*.mask.png")), "class-labelled masks"
 
 
-def test_optuna_sweep_of_two_trials_finishes_with_persistent_storage(data_dir, tmp_path):
+def test_optuna_study_resumed_from_storage_proposes_new_points(data_dir, tmp_path):
+    """Two trials, then the same command again: the study continues (4 trials) with new points."""
     db = tmp_path / "optuna.db"
-    proc = run_cli(
-        "segexp.train",
-        [
-            "-m",
-            *BASE,
-            "hparams_search=supervised_optuna",
-            "hydra.sweeper.n_trials=2",
-            "hydra.sweeper.sampler.n_startup_trials=1",
-            f"hydra.sweeper.storage=sqlite:///{db}",
-            "schedule.epochs=1",
-            "test=false",
-            f"paths.data_dir={data_dir}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        cwd=REPO,
-    )
-    assert_ok(proc)
-    assert (tmp_path / "sweep" / "optimization_results.yaml").is_file()
+    for run in range(2):
+        proc = run_cli(
+            "segexp.train",
+            [
+                "-m",
+                *BASE,
+                "hparams_search=supervised_optuna",
+                "hydra.sweeper.n_trials=2",
+                "hydra.sweeper.sampler.n_startup_trials=1",
+                f"hydra.sweeper.storage=sqlite:///{db}",
+                "schedule.epochs=1",
+                "test=false",
+                f"paths.data_dir={data_dir}",
+                f"hydra.sweep.dir={tmp_path / f'sweep{run}'}",
+            ],
+            cwd=REPO,
+        )
+        assert_ok(proc)
+    assert (tmp_path / "sweep0" / "optimization_results.yaml").is_file()
     with sqlite3.connect(db) as con:
-        states = [r[0] for r in con.execute("select state from trials")]
-    assert states == ["COMPLETE", "COMPLETE"]
+        states = [r[0] for r in con.execute("select state from trials order by trial_id")]
+        rows = con.execute("select trial_id, param_name, param_value from trial_params").fetchall()
+    assert states == ["COMPLETE"] * 4
+    points = {}
+    for trial, name, value in rows:
+        points.setdefault(trial, {})[name] = value
+    first, resumed = list(points.values())[:2], list(points.values())[2:]
+    assert len(resumed) == 2 and not any(p in first for p in resumed), (first, resumed)
 
 
 def test_submitit_local_launcher_runs_a_sweep_job(data_dir, tmp_path):

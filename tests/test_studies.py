@@ -21,9 +21,9 @@ SHORT = [
     "data.prepare.num_images=48",
     "data.num_workers=0",
     "schedule.epochs=1",
-    "+trainer.limit_train_batches=3",
-    "+trainer.limit_val_batches=2",
-    "+trainer.limit_test_batches=2",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
     "seed=0,1",
 ]
 

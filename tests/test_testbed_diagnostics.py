@@ -60,8 +60,8 @@ def test_diagnose_a_trained_run(tmp_path, testbed):
 
     run_dir = tmp_path / "run"
     args = ["+experiment=cam_shapes", f"testbed={testbed}", f"paths.data_dir={tmp_path}",
-            f"hydra.run.dir={run_dir}", "data.prepare.num_images=20", "+trainer.max_steps=2",
-            "+trainer.limit_val_batches=1", "test=false", "data.num_workers=0"]  # fmt: skip
+            f"hydra.run.dir={run_dir}", "data.prepare.num_images=20", "trainer.max_steps=2",
+            "trainer.limit_val_batches=1", "test=false", "data.num_workers=0"]  # fmt: skip
     assert_ok(run_cli("segexp.train", args, cwd=tmp_path))
     assert main(["diagnose", str(run_dir), "--max-images", "6"]) == 0
     report = json.loads((run_dir / "testbed_diagnostics.json").read_text())

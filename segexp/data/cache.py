@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,6 +37,8 @@ from segexp.utils.atomic import atomic_path, write_json
 
 CACHE_FORMAT = 1  # bump if the on-disk layout of the cache itself changes
 INPUTS_FIELD = "__inputs_key__"
+
+log = logging.getLogger(__name__)
 
 
 def _jsonable(value: Any) -> Any:
@@ -152,7 +155,8 @@ class StageCache:
                 return {name: data[name] for name in data.files if name != INPUTS_FIELD}
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            log.warning("stage cache: %s is unreadable (%s): recomputing it", path, type(err).__name__)
             return None  # unreadable entries are recomputed, never served
 
     def put(

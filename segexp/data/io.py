@@ -25,9 +25,18 @@ IGNORE_INDEX = 255
 
 
 class DatasetError(ValueError):
-    """A problem with a file of a dataset on disk; the message always names the file."""
+    """A problem with a file of a dataset on disk; the message always names the file.
 
-    def __init__(self, path: str | os.PathLike, problem: str):
+    A DataLoader worker's error is rebuilt in the main process from its message alone (one
+    argument: the worker's traceback text); the last line of that text is the original message."""
+
+    def __init__(self, path: str | os.PathLike, problem: str | None = None):
+        if problem is None:  # rebuilt from a worker's message
+            last = str(path).strip().splitlines()[-1] if str(path).strip() else ""
+            message = last.split("DatasetError: ", 1)[-1]
+            self.path, _, self.problem = message.partition(": ")
+            super().__init__(message)
+            return
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")

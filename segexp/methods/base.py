@@ -9,6 +9,7 @@ Nothing here branches on device, precision or strategy — those are Trainer set
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,11 @@ from segexp.models.param_groups import param_groups
 from segexp.postprocess.tta import predict_tta
 from segexp.utils.dump import PredictionDump
 from segexp.utils.panels import log_panels
+
+# Epoch metrics here are reduced across ranks before they are logged (confusion matrices and SOD
+# sums are all-reduced in compute()), so Lightning's advice to log them with sync_dist=True would
+# average identical values; its warning (one per metric name under DDP) only misleads.
+warnings.filterwarnings("ignore", message=r".*sync_dist=True.*", category=UserWarning)
 
 
 def _plain(cfg: Any) -> Any:
@@ -61,6 +67,13 @@ class SegMethod(pl.LightningModule):
         self.tta = dict(_plain(tta) or {})
         # Set by segexp.runner.evaluate: write test predictions / per-image scores there.
         self.dump: PredictionDump | None = None
+        # Set by segexp.runner.train: which method and experiment made the weights; saved in every
+        # checkpoint (key "segexp") so that loading one into another method is refused in one line.
+        self.provenance: dict[str, Any] = {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.provenance:
+            checkpoint["segexp"] = dict(self.provenance)
 
     # -- to implement --------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover

@@ -95,6 +95,8 @@ class SODMethod(SegMethod):
             self.test_sod.append(SODMetrics().to(self.device))
         sal = self._eval(batch)
         self._update_sod(self.test_sod[dataloader_idx], sal, batch)
+        if self.dump is not None:  # a SaliencyDump (segexp.runner.evaluate, dump.predictions=true)
+            self.dump.add(batch, sal, dataloader_idx)
         if dataloader_idx == 0:
             self.test_cm.update(torch.stack([1 - sal, sal], 1), self.gt_mask(batch, self.ignore_index))
 

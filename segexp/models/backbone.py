@@ -183,7 +183,8 @@ class Backbone(nn.Module):
             kwargs["drop_path_rate"] = drop_path_rate
         if out_indices is not None:
             kwargs["out_indices"] = out_indices if isinstance(out_indices, int) else tuple(out_indices)
-        self.body = _create_features(name, output_stride, kwargs)
+        create = _create_with_hub_weights if pretrained is True else _create_features
+        self.body = create(name, output_stride, kwargs)
 
         self.name = name
         self.feature_info = self.body.feature_info
@@ -253,6 +254,43 @@ class Backbone(nn.Module):
             f"name={self.name!r}, output_stride={self.output_stride}, reductions={self.reductions}, "
             f"frozen_stages={self.frozen_stages}, freeze_bn={self.freeze_bn}"
         )
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """One quick connection attempt: without it an offline machine spends minutes in the hub
+    client's retries (5 per file, backing off) before the same failure."""
+    import socket
+
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _create_with_hub_weights(name: str, output_stride: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    """``pretrained=True``: timm's hub weights, from the local cache when the hub is unreachable;
+    failing that, one line saying how to pass a local weights file."""
+    from huggingface_hub import constants
+
+    offline = not hub_reachable()
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or offline  # cache only: no retries against an unreachable hub
+    try:
+        return _create_features(name, output_stride, kwargs)
+    except Exception as err:
+        if not (isinstance(err, OSError) or type(err).__module__.startswith("huggingface_hub")):
+            raise  # not a fetch failure (offline, not cached, HTTP): e.g. a model error
+        from segexp.utils.errors import UserError
+
+        why = "the model hub (huggingface.co) cannot be reached" if offline else f"fetching failed ({err})"
+        raise UserError(
+            f"backbone.pretrained=true: timm weights for '{name}' are not in the local cache and {why}; "
+            "download them where there is a network and pass backbone.pretrained=/path/to/weights "
+            "(.pth/.safetensors), or backbone.pretrained=false"
+        ) from err
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 def _create_features(name: str, output_stride: int | None, kwargs: dict[str, Any]) -> nn.Module:

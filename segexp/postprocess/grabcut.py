@@ -36,7 +36,6 @@ import copy
 import logging
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +46,7 @@ import numpy as np
 
 from segexp.data.cache import StageCache, content_key, file_key, stable_hash
 from segexp.postprocess.stage import CachedStage, confusion, iou_report
+from segexp.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ class GrabCutStage(CachedStage):
         return report
 
     def _map(self, jobs, reader, cache, evaluate, n_workers, desc):
-        progress = _Progress(desc, len(jobs), enabled=self.progress)
+        progress = Progress(desc, len(jobs), enabled=self.progress)
         if n_workers <= 1 or len(jobs) <= 1:
             _init_worker(self, reader, cache, evaluate)
             try:
@@ -399,34 +399,3 @@ def default_workers(world_size: int = 1) -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, cores // max(1, world_size))
-
-
-class _Progress:
-    """A rich progress bar on a terminal, a log line every 10% otherwise."""
-
-    def __init__(self, desc: str, total: int, enabled: bool = True):
-        self.desc, self.total, self.done = desc, total, 0
-        self.bar = None
-        self.t0 = time.perf_counter()
-        self.enabled = enabled and total > 0
-        if self.enabled and sys.stderr.isatty():
-            from rich.progress import Progress
-
-            self.bar = Progress(transient=False)
-            self.bar.start()
-            self.task = self.bar.add_task(desc, total=total)
-
-    def advance(self) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.advance(self.task)
-        elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
-            log.info("%s: %d/%d (%.1f images/s)", self.desc, self.done, self.total, rate)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from segexp.data.cache import StageCache, file_key
+from segexp.utils.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,11 @@ class CachedStage:
         todo = cache.missing(keys, keys, rank=rank, world_size=world_size)
         index = {image_id: i for i, image_id in enumerate(reader.ids)}
         t0 = time.perf_counter()
-        for n, image_id in enumerate(todo):
+        progress = Progress(f"{self.name}: computing", len(todo), enabled=getattr(self, "progress", False))
+        for image_id in todo:
             cache.put(image_id, keys[image_id], self.compute(reader[index[image_id]]), **put)
-            if getattr(self, "progress", False) and (n + 1) % max(1, len(todo) // 10) == 0:
-                log.info("%s: %d/%d computed", self.name, n + 1, len(todo))
+            progress.advance()
+        progress.close()
         seconds = time.perf_counter() - t0
         return {
             "stage": self.name,

@@ -9,9 +9,13 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
+from segexp.utils.errors import UserError
+
 DEFAULTS_GROUPS = ("experiment", "hparams_search", "debug")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def normalize_overrides(argv: list[str], resume_in_place: bool = False) -> list[str]:
@@ -37,3 +41,26 @@ def resume_run_dir(ckpt_path: str) -> Path | None:
     if run_dir is not None and (run_dir / ".hydra").is_dir():
         return run_dir
     return None
+
+
+def _sweep_values(value: str) -> list[str]:
+    """``a,b`` -> ``[a, b]``; values Hydra computes (``choice(...)``, ``${...}``) are not checked."""
+    if any(c in value for c in "()[]{}$*?"):
+        return []
+    return [v.strip() for v in value.split(",") if v.strip() and v.strip() != "null"]
+
+
+def check_config_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """An option of a config group that does not exist fails before Hydra runs, naming close
+    matches (``experiment=supervised_shape`` -> ``supervised_shapes``), never falls back silently."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        group = conf_dir / key
+        if not sep or "." in key or "@" in key or not group.is_dir():
+            continue
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        for name in _sweep_values(value):
+            if name not in options:
+                close = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
+                hint = f"close matches: {', '.join(close)}" if close else f"options: {', '.join(options)}"
+                raise UserError(f"{key}={name}: no such config (conf/{key}/{name}.yaml); {hint}")

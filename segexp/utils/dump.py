@@ -2,7 +2,8 @@
 
 Predictions are written as VOC-palette PNGs named by the sample id, cropped back to the image's
 original size (evaluation batches are padded bottom/right). Each DDP rank writes its own CSV
-shard, so ranks never write the same file.
+shard, so ranks never write the same file. Salient-object methods write their continuous maps
+instead (:class:`SaliencyDump`), in the folder layout ``segexp.sod_eval`` reads.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from segexp.data.io import write_palette_png
+from segexp.data.io import write_gray_png, write_palette_png
 from segexp.metrics.semantic import confusion_matrix, scores_from_confusion
 from segexp.utils.atomic import write_text
 
@@ -56,3 +58,35 @@ class PredictionDump:
         name = "per_image.csv" if rank == 0 else f"per_image.rank{rank}.csv"
         write_text(self.out_dir / name, buf.getvalue())
         self.rows = []
+
+
+class SaliencyDump:
+    """Saliency maps as 8-bit grayscale PNGs at each image's original size, where
+    ``segexp.sod_eval`` looks for them: ``<out>/saliency/<method>/<dataset>/<id>.png``."""
+
+    def __init__(self, out_dir: str | Path, method: str, datasets: Sequence[str]):
+        self.root = Path(out_dir) / "saliency"
+        self.method = method
+        self.datasets = list(datasets)
+        self.count = 0
+
+    def folder(self, dataset_index: int = 0) -> Path:
+        return self.root / self.method / self.datasets[dataset_index]
+
+    def add(self, batch: dict[str, Any], saliency: torch.Tensor, dataset_index: int = 0) -> None:
+        """``saliency`` (B, H, W) in [0, 1] at the batch size; padding cropped, then resized back."""
+        valid = batch.get("valid")
+        for i, meta in enumerate(batch["meta"]):
+            sal = saliency[i].float()
+            if valid is not None:
+                rows, cols = valid[i].any(1).nonzero(), valid[i].any(0).nonzero()
+                sal = sal[: int(rows.max()) + 1, : int(cols.max()) + 1]
+            h, w = meta.get("orig_size", sal.shape)
+            if tuple(sal.shape) != (h, w):
+                sal = F.interpolate(sal[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            out = (sal.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            write_gray_png(self.folder(dataset_index) / f"{meta['id']}.png", out)
+            self.count += 1
+
+    def finish(self, rank: int = 0) -> None:
+        pass

@@ -1,8 +1,10 @@
-"""Image panels (input | ground truth | prediction) sent to whichever loggers are active.
+"""Image panels (image | GT | prediction) sent to whichever loggers are active.
 
-One function builds the pixels, one dispatches them: TensorBoard gets an image, W&B gets a
-``wandb.Image`` with class-labelled masks (toggleable in its UI), CSV runs get PNG files in the
-run directory — so every logger shows the same thing.
+One function builds the pixels, one dispatches them. Every logger gets the same titled figure (one
+row per image, a column title over each column, a legend of the classes present, small images
+enlarged with nearest-neighbour so label edges stay exact): TensorBoard as an image, CSV runs as
+PNG files in the run directory, W&B as an image next to its ``wandb.Image`` with class-labelled,
+toggleable masks.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from segexp.data.io import voc_palette, write_rgb_png
@@ -47,6 +50,44 @@ def make_panel(image: np.ndarray, target: np.ndarray | None, pred: np.ndarray) -
     return np.concatenate(out[:-1], axis=1)
 
 
+MIN_TILE = 160  # px: a 64-px testbed image is drawn 3x
+
+
+def _text(canvas: np.ndarray, text: str, x: int, y: int, scale: float = 0.45) -> None:
+    cv2.putText(canvas, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+
+
+def make_figure(
+    images: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray | None],
+    preds: Sequence[np.ndarray],
+    class_names: Sequence[str],
+    ignore_index: int = 255,
+) -> np.ndarray:
+    """Rows of :func:`make_panel` under column titles, above a legend of the classes shown."""
+    titles = ["image"] + (["GT"] if any(t is not None for t in targets) else []) + ["prediction"]
+    rows = [make_panel(i, t, p) for i, t, p in zip(images, targets, preds)]
+    h, w = images[0].shape[:2]
+    scale = max(1, -(-MIN_TILE // max(h, w)))
+    rows = [cv2.resize(r, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST) for r in rows]
+    width = max(r.shape[1] for r in rows)
+    header = np.full((22, width, 3), 255, np.uint8)
+    for k, title in enumerate(titles):
+        _text(header, title, k * (w * scale + 2 * scale) + 4, 16)
+    present = sorted(
+        {int(v) for arr in [*targets, *preds] if arr is not None for v in np.unique(arr)} - {ignore_index}
+    )
+    legend = np.full((22, width, 3), 255, np.uint8)
+    x, palette = 4, voc_palette()
+    for c in present:
+        name = class_names[c] if c < len(class_names) else str(c)
+        legend[5:17, x : x + 12] = palette[c]
+        _text(legend, name, x + 16, 15)
+        x += 16 + 8 * len(name) + 14
+    padded = [np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return np.concatenate([header, *padded, legend], axis=0)
+
+
 def log_panels(
     loggers: Sequence,
     tag: str,
@@ -58,11 +99,10 @@ def log_panels(
 ) -> None:
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-    panels = [make_panel(i, t, p) for i, t, p in zip(images, targets, preds)]
+    figure = make_figure(images, targets, preds, class_names)
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            for k, panel in enumerate(panels):
-                logger.experiment.add_image(f"{tag}/{k}", panel, global_step=step, dataformats="HWC")
+            logger.experiment.add_image(tag, figure, global_step=step, dataformats="HWC")
         elif isinstance(logger, WandbLogger):
             import wandb
 
@@ -73,8 +113,8 @@ def log_panels(
                 if tgt is not None:
                     masks["ground_truth"] = {"mask_data": tgt.astype(np.uint8), "class_labels": labels}
                 wb.append(wandb.Image(img, masks=masks))
-            logger.experiment.log({tag: wb, "trainer/global_step": step})
+            figure_image = wandb.Image(figure)
+            logger.experiment.log({tag: wb, f"{tag}_figure": figure_image, "trainer/global_step": step})
         elif isinstance(logger, CSVLogger):
             out_dir = Path(logger.log_dir) / "panels"
-            for k, panel in enumerate(panels):
-                write_rgb_png(out_dir / f"{tag.replace('/', '_')}_step{step:06d}_{k}.png", panel)
+            write_rgb_png(out_dir / f"{tag.replace('/', '_')}_step{step:06d}.png", figure)

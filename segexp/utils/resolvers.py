@@ -36,6 +36,19 @@ def run_id() -> str:
     return hashlib.sha1(str(Path(out_dir).resolve()).encode()).hexdigest()[:16]
 
 
+_RUN_TOKEN: list[str] = []
+
+
+def run_token() -> str:
+    """6 random hex digits, drawn once per process: two runs started in the same second (same
+    name, same machine or another one on a shared disk) still get their own directories, while
+    every place one process resolves its run directory sees the same value. DDP ranks do not
+    re-resolve it: Lightning hands them rank 0's ``hydra.run.dir``."""
+    if not _RUN_TOKEN:
+        _RUN_TOKEN.append(os.urandom(3).hex())
+    return _RUN_TOKEN[0]
+
+
 def testbed_key(testbed) -> str:
     """Directory-name key of a synthetic set's testbed settings (a hash of the whole, defaults filled in)."""
     from segexp.data.testbed import Testbed  # the spec owns its defaults; imported only when resolved
@@ -48,6 +61,7 @@ def register() -> None:
     OmegaConf.register_new_resolver("segexp.testbed_key", testbed_key, replace=True)
     OmegaConf.register_new_resolver("segexp.wandb_offline", wandb_offline, replace=True)
     OmegaConf.register_new_resolver("segexp.run_id", run_id, replace=True)
+    OmegaConf.register_new_resolver("segexp.run_token", run_token, replace=True)
 
 
 register()

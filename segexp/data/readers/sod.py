@@ -100,6 +100,11 @@ class SalientObjects(Reader):
     def __len__(self) -> int:
         return len(self.stems)
 
+    @property
+    def ids(self) -> list[str]:
+        """Sample ids as the other readers name them (stages and caches key images by ``ids``)."""
+        return self.stems
+
     def image_path(self, stem: str) -> Path:
         if stem not in self.images:
             source = self.list_file if self.list_file is not None else self.image_dir
