@@ -46,8 +46,15 @@ def check_data(cfg: DictConfig, datamodule: pl.LightningDataModule, stage: str) 
     from segexp.data.io import DatasetError
 
     try:
-        datamodule.prepare_data()
-        datamodule.setup(stage)
+        try:  # a real data set is opened first: a mix of real and generated data (bottomup_coco_ade)
+            datamodule.setup(stage)  # reports its missing real folder before minutes of generation
+        except DatasetError as missing:
+            prepare = getattr(datamodule, "prepare", None)
+            generated = getattr(prepare, "keywords", {}).get("root")
+            if generated is None or not str(missing.path).startswith(str(generated)):
+                raise  # a real data set's file: generating the synthetic part would not help
+            datamodule.prepare_data()  # the synthetic set: generated once, then opened
+            datamodule.setup(stage)
     except DatasetError as err:
         raise UserError(
             f"data '{cfg.data.get('name', '?')}': {err}\n"

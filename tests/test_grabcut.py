@@ -86,6 +86,8 @@ def test_stage_caches_resumes_and_invalidates(small_reader, tmp_path):
     assert first["pseudo"]["mIoU"] > first["box_rect"]["mIoU"]  # GrabCut beats the filled boxes
     again = stage.run(small_reader, workers=1)
     assert again["computed"] == 0 and again["reused"] == n  # reused
+    scored = stage.run(small_reader, evaluate=True, workers=2)  # all cached: scored in this process,
+    assert scored["processes"] == 1 and scored["scored_images"] == n  # no pool to start for nothing
 
     cache = stage.cache_for(small_reader)
     victims = sorted(small_reader.ids)[:2]

@@ -325,7 +325,8 @@ class GrabCutStage(CachedStage):
         index = {image_id: i for i, image_id in enumerate(reader.ids)}
         jobs = [(index[i], keys[i], i in todo) for i in sorted(mine)]
         n_workers = workers or self.workers or default_workers(world_size)
-        n_workers = max(1, min(n_workers, len(jobs)))
+        # nothing to compute (only cached masks to score): a pool's start-up would be all its cost
+        n_workers = max(1, min(n_workers, len(todo)))
         desc = f"{self.name} [{getattr(reader, 'split', '?')}]"
         log.info("%s: %d images, %d to compute, cache %s, %d processes", desc, len(keys), len(todo),
                  cache.dir, n_workers)
