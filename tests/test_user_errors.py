@@ -181,6 +181,20 @@ def test_panel_figure_has_column_titles_rows_and_a_legend_of_the_classes_shown()
     assert not (legend == voc_palette()[1]).all(1).any()  # class 1 is absent: no swatch
 
 
+def test_cam_column_is_a_heat_map_titled_beside_the_prediction():
+    from segexp.utils.panels import make_figure
+
+    image = np.zeros((16, 16, 3), np.uint8)
+    label = np.zeros((16, 16), np.uint8)
+    cam = np.zeros((16, 16), np.float32)
+    cam[:, 8:] = 1.0
+    fig = make_figure([image], [label], [label], ["bg"], extras={"CAM": [cam]})
+    plain = make_figure([image], [label], [label], ["bg"])
+    assert fig.shape[1] > plain.shape[1]  # one more column
+    right = fig[30:-30, -20:-4].reshape(-1, 3).astype(int)  # the hot half of the CAM column
+    assert (right[:, 0] > right[:, 2]).all()  # JET at 1.0 is red
+
+
 def test_progress_lines_are_paced_by_time(caplog):
     import logging
 

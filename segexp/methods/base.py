@@ -111,7 +111,8 @@ class SegMethod(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         scores = self._eval_step(batch, self.val_cm)
         if batch_idx == 0:
-            self._panel_batch = {"batch": batch, "pred": scores.argmax(1)}
+            columns = self.panel_columns(scores)
+            self._panel_batch = {"batch": batch, "pred": scores.argmax(1), "columns": columns}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         scores = self._eval_step(batch, self.test_cm)
@@ -136,6 +137,10 @@ class SegMethod(pl.LightningModule):
         if self.dump is not None:
             self.dump.finish(self.global_rank)
 
+    def panel_columns(self, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra panel columns (title -> (B, H, W) map; floats in [0, 1] are drawn as heat maps)."""
+        return {}
+
     def _send_panels(self) -> None:
         every = int(self.panels.get("every_n_epochs", 1))
         if self._panel_batch is None or every <= 0 or self.trainer.sanity_checking:
@@ -147,7 +152,11 @@ class SegMethod(pl.LightningModule):
         images = [denormalize(batch["image"][i]) for i in range(n)]
         targets = [batch["mask"][i].cpu().numpy() if "mask" in batch else None for i in range(n)]
         preds = [pred[i].cpu().numpy() for i in range(n)]
-        log_panels(self.loggers, "val/panels", images, targets, preds, self.global_step, self.class_names)
+        columns = self._panel_batch.get("columns") or {}
+        extras = {title: [m[i].float().cpu().numpy() if m.is_floating_point() else m[i].cpu().numpy()
+                          for i in range(n)] for title, m in columns.items()}
+        log_panels(self.loggers, "val/panels", images, targets, preds, self.global_step, self.class_names,
+                   extras=extras)
         self._panel_batch = None
 
     # -- optimisation --------------------------------------------------------------------------

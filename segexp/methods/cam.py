@@ -156,6 +156,10 @@ class CAMMethod(SegMethod):
         """``[bg_threshold, normalised single-scale CAMs]`` without image labels (all classes allowed)."""
         return self.scores_from_cams(self.single_scale_cams(images))
 
+    def panel_columns(self, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The strongest normalised CAM at each pixel, as a heat map beside the prediction."""
+        return {"CAM": scores[:, 1:].amax(1).detach().clamp(0, 1)}
+
     # -- evaluation: CAM mIoU (labels from the batch when present) + threshold curve ---------------
     def _eval_step(self, batch: dict[str, Any], cm) -> torch.Tensor:
         cams = self.single_scale_cams(batch["image"], batch.get("labels"))

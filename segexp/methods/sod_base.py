@@ -87,8 +87,11 @@ class SODMethod(SegMethod):
         self._update_sod(self.val_sod, sal, batch)
         self.val_cm.update(torch.stack([1 - sal, sal], 1), self.gt_mask(batch, self.ignore_index))
         if batch_idx == 0:
-            self._panel_batch = {"batch": {**batch, "mask": self.gt_mask(batch, self.ignore_index)},
-                                 "pred": (sal > 0.5).long()}
+            self._panel_batch = {
+                "batch": {**batch, "mask": self.gt_mask(batch, self.ignore_index)},
+                "pred": (sal > 0.5).long(),
+                "columns": {"saliency": sal.detach().clamp(0, 1)},
+            }
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         while len(self.test_sod) <= dataloader_idx:

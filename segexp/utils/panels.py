@@ -1,4 +1,4 @@
-"""Image panels (image | GT | prediction) sent to whichever loggers are active.
+"""Image panels (image | GT | prediction | CAM ...) sent to whichever loggers are active.
 
 One function builds the pixels, one dispatches them. Every logger gets the same titled figure (one
 row per image, a column title over each column, a legend of the classes present, small images
@@ -37,12 +37,24 @@ def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.5, ignore_ind
     return out.clip(0, 255).astype(np.uint8)
 
 
-def make_panel(image: np.ndarray, target: np.ndarray | None, pred: np.ndarray) -> np.ndarray:
-    """Input | GT overlay | prediction overlay, side by side (uint8 HxWx3)."""
+def heat(image: np.ndarray, values: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """A [0, 1] map (a CAM) as a JET heat map blended over the image."""
+    u8 = (np.clip(values, 0, 1) * 255).astype(np.uint8)
+    colour = cv2.applyColorMap(u8, cv2.COLORMAP_JET)[..., ::-1].astype(np.float32)  # BGR -> RGB
+    return ((1 - alpha) * image.astype(np.float32) + alpha * colour).clip(0, 255).astype(np.uint8)
+
+
+def make_panel(
+    image: np.ndarray, target: np.ndarray | None, pred: np.ndarray, extras: Sequence[np.ndarray] = ()
+) -> np.ndarray:
+    """Input | GT overlay | prediction overlay | extra columns, side by side (uint8 HxWx3).
+    An extra column of floats is drawn as a heat map (a CAM), one of integers as labels."""
     tiles = [image]
     if target is not None:
         tiles.append(overlay(image, target))
     tiles.append(overlay(image, pred))
+    for extra in extras:
+        tiles.append(heat(image, extra) if np.issubdtype(extra.dtype, np.floating) else overlay(image, extra))
     sep = np.full((image.shape[0], 2, 3), 255, dtype=np.uint8)
     out = []
     for t in tiles:
@@ -63,10 +75,14 @@ def make_figure(
     preds: Sequence[np.ndarray],
     class_names: Sequence[str],
     ignore_index: int = 255,
+    extras: dict[str, Sequence[np.ndarray]] | None = None,
 ) -> np.ndarray:
-    """Rows of :func:`make_panel` under column titles, above a legend of the classes shown."""
-    titles = ["image"] + (["GT"] if any(t is not None for t in targets) else []) + ["prediction"]
-    rows = [make_panel(i, t, p) for i, t, p in zip(images, targets, preds)]
+    """Rows of :func:`make_panel` under column titles, above a legend of the classes shown.
+    ``extras``: more columns, title -> one map per image (e.g. ``{"CAM": cams}``)."""
+    extras = extras or {}
+    titles = ["image"] + (["GT"] if any(t is not None for t in targets) else []) + ["prediction", *extras]
+    columns = [[col[k] for col in extras.values()] for k in range(len(images))]
+    rows = [make_panel(i, t, p, e) for i, t, p, e in zip(images, targets, preds, columns)]
     h, w = images[0].shape[:2]
     scale = max(1, -(-MIN_TILE // max(h, w)))
     rows = [cv2.resize(r, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST) for r in rows]
@@ -96,10 +112,11 @@ def log_panels(
     preds: Sequence[np.ndarray],
     step: int,
     class_names: Sequence[str],
+    extras: dict[str, Sequence[np.ndarray]] | None = None,
 ) -> None:
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-    figure = make_figure(images, targets, preds, class_names)
+    figure = make_figure(images, targets, preds, class_names, extras=extras)
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(tag, figure, global_step=step, dataformats="HWC")
