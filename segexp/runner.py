@@ -72,6 +72,7 @@ def provenance(cfg: DictConfig) -> dict[str, Any]:
         "method": cfg.method.get("name"),
         "method_target": cfg.method.get("_target_"),
         "experiment": choices.get("experiment") or cfg.get("run_name"),
+        "method_config": OmegaConf.to_container(cfg.method, resolve=True),  # load_method(ckpt) rebuilds it
     }
 
 

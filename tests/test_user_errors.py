@@ -258,7 +258,14 @@ def test_sod_route_train_eval_dump_then_sod_eval(data_dir, tmp_path):
         )
     )
     ckpt = run / "checkpoints" / "last.ckpt"
-    assert torch.load(ckpt, map_location="cpu", weights_only=False)["segexp"]["method"] == "cas"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert saved["segexp"]["method"] == "cas" and saved["segexp"]["experiment"] == "cas_shapes_sod"
+    from segexp.methods.loading import load_method
+
+    method = load_method(ckpt)  # no experiment config: the checkpoint's own record
+    assert type(method).__name__ == "CASSaliency" and not method.training
+    for k, v in method.state_dict().items():
+        assert torch.equal(v, saved["state_dict"][k]), k
     ev = tmp_path / "eval"
     proc = run_cli(
         "segexp.eval",
@@ -279,3 +286,15 @@ def test_sod_route_train_eval_dump_then_sod_eval(data_dir, tmp_path):
          "--methods", "cas", "--datasets", "shapes_sod", "--out", str(tmp_path / "table")]
     )  # fmt: skip
     assert (tmp_path / "table" / "results.md").is_file() and "MAE" in results["cas"]["shapes_sod"]
+
+
+def test_load_method_needs_a_recorded_config_and_never_refetches_weights(tmp_path):
+    from segexp.methods.loading import load_method, without_pretrained
+
+    cfg = {"a": {"backbone": {"pretrained": "/w.pth", "name": "x"}}, "b": [{"pretrained": 1}], "pretrain": 1}
+    assert without_pretrained(cfg) == {"a": {"backbone": {"pretrained": False, "name": "x"}},
+                                       "b": [{"pretrained": False}], "pretrain": 1}  # fmt: skip
+    old = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}}, old)
+    with pytest.raises(UserError, match="records no method config"):
+        load_method(old)

@@ -42,15 +42,11 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     return ((x - mean) / std)[None]
 
 
-def load_method(method_cfg: Mapping[str, Any], ckpt_path: str | os.PathLike, device: str = "cpu"):
-    """Instantiate a CAM method from its (resolved) config and load a Lightning checkpoint's weights."""
-    import hydra
+def load_method(method_cfg: Mapping[str, Any] | None, ckpt_path: str | os.PathLike, device: str = "cpu"):
+    """The stages' entry to :func:`segexp.methods.loading.load_method` (config first, as they hold it)."""
+    from segexp.methods.loading import load_method as load
 
-    method = hydra.utils.instantiate(dict(method_cfg))
-    state = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state)
-    method.load_state_dict(state, strict=True)
-    return method.to(device).eval()
+    return load(ckpt_path, method_cfg, device)
 
 
 def dense_cams(entry: Mapping[str, np.ndarray], num_fg: int) -> np.ndarray:

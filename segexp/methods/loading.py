@@ -1,0 +1,57 @@
+"""One way to rebuild a trained method: ``load_method(ckpt_path)``, for every stage, eval and notebook.
+
+Why: a checkpoint written by ``segexp.train`` records the resolved config of its method (key
+``segexp.method_config``, with the method and experiment that made it), so rebuilding needs no
+experiment config and no hand-copied defaults. Pretrained-weight settings are switched off on
+rebuild: the weights come from the checkpoint, so nothing is fetched again (and nothing fails
+offline). Checkpoints older than this record need the config passed explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from segexp.utils.errors import UserError
+
+__all__ = ["load_method", "recorded_config", "without_pretrained"]
+
+
+def without_pretrained(node: Any) -> Any:
+    """A copy of a config with every ``pretrained`` setting false (the checkpoint has the weights)."""
+    if isinstance(node, Mapping):
+        return {k: (False if k == "pretrained" else without_pretrained(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [without_pretrained(v) for v in node]
+    return node
+
+
+def recorded_config(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    config = (checkpoint.get("segexp") or {}).get("method_config")
+    if config is None:
+        raise UserError(
+            f"{path}: the checkpoint records no method config (written before checkpoints carried "
+            "one); pass the method's config, e.g. from the run's config.yaml"
+        )
+    return dict(config)
+
+
+def load_method(
+    ckpt_path: str | os.PathLike,
+    method_cfg: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+):
+    """The method of ``ckpt_path`` with its weights, in eval mode on ``device``.
+
+    ``method_cfg`` (a resolved method config) replaces the recorded one, e.g. to change inference
+    settings (``scales``, ``bg_threshold``); its weights must still fit the checkpoint (strict)."""
+    import hydra
+
+    checkpoint = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
+    config = dict(method_cfg) if method_cfg is not None else recorded_config(checkpoint, ckpt_path)
+    method = hydra.utils.instantiate(without_pretrained(config))
+    method.load_state_dict(checkpoint.get("state_dict", checkpoint), strict=True)
+    return method.to(device).eval()
