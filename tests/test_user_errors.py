@@ -298,3 +298,23 @@ def test_load_method_needs_a_recorded_config_and_never_refetches_weights(tmp_pat
     torch.save({"state_dict": {}}, old)
     with pytest.raises(UserError, match="records no method config"):
         load_method(old)
+
+
+def test_user_error_raised_inside_hydra_instantiate_still_prints_one_line(capsys):
+    import hydra
+    from hydra.errors import InstantiationException
+
+    from segexp.utils.errors import user_errors
+
+    with pytest.raises(SystemExit) as stop, user_errors():
+        try:
+            target = "segexp.methods.loading.recorded_config"
+            hydra.utils.instantiate({"_target_": target, "checkpoint": {}, "path": "x"})
+        except InstantiationException as wrapped:  # what Hydra raises around the constructor's error
+            assert not isinstance(wrapped, UserError)
+            raise
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: x: the checkpoint records no method config (written before checkpoints carried one); "
+        "pass the method's config, e.g. from the run's config.yaml"
+    )

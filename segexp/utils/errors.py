@@ -25,10 +25,18 @@ def full_traceback_requested() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
-def user_facing(exc: BaseException) -> bool:
+def user_facing(exc: BaseException) -> BaseException | None:
+    """The user-facing error behind ``exc``, if any: Hydra's instantiate wraps an error raised in a
+    constructor (a backbone's hub failure) in its own exception, so the chain is followed."""
     from segexp.data.io import DatasetError
 
-    return isinstance(exc, (UserError, DatasetError))
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (UserError, DatasetError)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def print_error(message: str) -> None:
@@ -43,7 +51,8 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if not user_facing(exc) or full_traceback_requested():
+        cause = user_facing(exc)
+        if cause is None or full_traceback_requested():
             raise
-        print_error(str(exc))
+        print_error(str(cause))
         raise SystemExit(EXIT_USER_ERROR) from None
