@@ -153,6 +153,28 @@ def test_pcm_inference_at_scale_2_is_chunked(seam_method):
     assert m.model.pcm.chunk_size == 2048
 
 
+def test_inference_upsamples_twice_as_released(seam_method):
+    """infer_SEAM: the network returns the PCM map at its input's size (align_corners=True); the
+    pass is then resized to the original size with align_corners=False. Not once from the grid."""
+    import torch.nn.functional as F
+
+    m = seam_method.eval()
+    image = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        half = F.interpolate(image, (24, 20), mode=m.resize_mode, align_corners=False)
+        grid = m(half)["cam_rv"][:, 1:]
+        twice = F.interpolate(
+            F.interpolate(grid, (24, 20), mode="bilinear", align_corners=True),
+            (48, 40), mode="bilinear", align_corners=False,
+        )  # fmt: skip
+        once = F.interpolate(grid, (48, 40), mode="bilinear", align_corners=False)
+        got = m.multiscale_cams(image, scales=(0.5,), flip=False)
+    from segexp.methods.cam import normalise_cams
+
+    assert torch.allclose(got, normalise_cams(twice, m.cam_norm), atol=1e-6)
+    assert not torch.allclose(got, normalise_cams(once, m.cam_norm), atol=1e-3)
+
+
 def test_resnet38d_loads_a_converted_state_dict(tmp_path):
     from segexp.models.resnet38d import ResNet38d, build_backbone
 

@@ -23,7 +23,11 @@ targets are detached. Hence
 * the background channel 0 of ``fc8`` gets no gradient at all (it is used only through the
   detached PCM input / ECR targets).
 
-Inference (``infer_SEAM.py``): multi-scale x flip of the **PCM output** foreground channels,
+Inference (``infer_SEAM.py``): multi-scale x flip of the **PCM output** foreground channels, each
+pass upsampled twice as released: to the pass's input size with ``align_corners=True`` (inside the
+network's forward, ``resnet38_SEAM.py``), then to the original size with ``align_corners=False``
+(``infer_SEAM.py``; :func:`~segexp.methods.cam.sum_over_passes`). Upsampling once from the feature
+grid moves 5-16 % of the label pixels at background 0.26. Then the foreground channels are
 label-masked, summed, min-max normalised (``cam_norm: minmax``), background = constant (0.26).
 """
 
@@ -127,5 +131,7 @@ class SEAM(CAMMethod):
         return ecr_loss(y_o, y_t, rv_o, rv_t, self.ohem_ratio)
 
     def fg_cams(self, images: torch.Tensor) -> torch.Tensor:
-        """Foreground channels of the PCM output (``inference_map: cam_rv``, released) or of the CAM."""
-        return self(images)[self.inference_map][:, 1:]
+        """Foreground channels of the PCM output (``inference_map: cam_rv``, released) or of the CAM,
+        at the size of ``images`` (``align_corners=True``, as the released forward returns them)."""
+        cams = self(images)[self.inference_map][:, 1:]
+        return F.interpolate(cams, images.shape[-2:], mode="bilinear", align_corners=True)
