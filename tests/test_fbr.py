@@ -224,3 +224,21 @@ def test_unknown_loss_weight_is_rejected_with_its_name():
     net = FBRNet(Backbone("resnet18", output_stride=8), num_classes=3, background_first=True, pcm={})
     with pytest.raises(ValueError, match="nroj"):
         FBR(model=net, num_classes=3, class_names=list("abc"), schedule={}, weights={"nroj": 0.1})
+
+
+def test_fbr_heads_are_built_as_released():
+    """resnet38_contrast.py: proj_fg/proj_bg/bg_classifier are bias-free 1x1 convs with Xavier
+    weights; the background branch drops single elements (nn.Dropout), not whole channels."""
+    import torch
+    from torch import nn
+
+    from segexp.models.fbr import FBRHeads
+
+    torch.manual_seed(0)
+    heads = FBRHeads(in_channels=256, dim=128)
+    for conv in (heads.proj_fg, heads.proj_bg, heads.bg_classifier):
+        assert conv.bias is None
+        fan_in, fan_out = conv.weight.shape[1], conv.weight.shape[0]
+        bound = (6 / (fan_in + fan_out)) ** 0.5  # xavier_uniform_, gain 1
+        assert float(conv.weight.abs().max()) <= bound and float(conv.weight.abs().max()) > 0.9 * bound
+    assert type(heads.bg_dropout) is nn.Dropout and heads.bg_dropout.p == 0.5

@@ -2,7 +2,8 @@
 
 * :class:`FBRHeads` - ``proj_fg`` (1x1 -> 128, ReLU) and ``proj_bg`` (1x1 -> 128), whose ReLU'd
   output is the NROI feature and whose BN (w=1, b=1e-4) + ReLU + Dropout(0.5) output feeds the 1x1
-  background classifier (``XuYin94/FBR : network/resnet38_contrast.py:12-19,45-56``). With
+  background classifier (``XuYin94/FBR : network/resnet38_contrast.py:12-19,45-56``); the three
+  1x1 convs have no bias and Xavier-uniform weights, the dropout is element-wise, as released. With
   ``background=False`` only ``proj_fg``: the PPC base (``method=ppc``) contrasts its features
   without FBR's background branch.
 * :class:`NROIBank` - the FIFO bank of NROI centroids as *buffers*, so it lives on the model's device
@@ -24,6 +25,11 @@ from segexp.models.cam_head import CAMNet
 __all__ = ["FBRHeads", "NROIBank", "FBRNet"]
 
 
+def _xavier(conv: nn.Conv2d) -> nn.Conv2d:
+    nn.init.xavier_uniform_(conv.weight)
+    return conv
+
+
 class FBRHeads(nn.Module):
     """Foreground/background projections and the auxiliary background classifier.
 
@@ -34,16 +40,17 @@ class FBRHeads(nn.Module):
 
     def __init__(self, in_channels: int, dim: int = 128, dropout: float = 0.5, background: bool = True):
         super().__init__()
-        self.proj_fg = nn.Conv2d(in_channels, dim, 1)
+        # as released: 1x1 convs without bias, Xavier-initialised; element-wise dropout (nn.Dropout)
+        self.proj_fg = _xavier(nn.Conv2d(in_channels, dim, 1, bias=False))
         self.background = bool(background)
         if not self.background:
             return
-        self.proj_bg = nn.Conv2d(in_channels, dim, 1)
+        self.proj_bg = _xavier(nn.Conv2d(in_channels, dim, 1, bias=False))
         self.bg_bn = nn.BatchNorm2d(dim)
         nn.init.constant_(self.bg_bn.weight, 1.0)
         nn.init.constant_(self.bg_bn.bias, 1e-4)
-        self.bg_dropout = nn.Dropout2d(dropout)
-        self.bg_classifier = nn.Conv2d(dim, 1, 1)
+        self.bg_dropout = nn.Dropout(dropout)
+        self.bg_classifier = _xavier(nn.Conv2d(dim, 1, 1, bias=False))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         f_proj = torch.relu(self.proj_fg(x))
