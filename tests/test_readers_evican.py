@@ -56,3 +56,19 @@ def test_evican_config(evican, tmp_path):
         reader_from_config("evican", tmp_path, "val")
     with pytest.raises(KeyError, match="boxes"):
         EVICAN(root, "train", keys=["boxes"])
+
+
+def test_16_bit_grayscale_images_keep_their_range(tmp_path):
+    """A 16-bit microscopy image is scaled to 8 bits, not clipped at 255 (nearly all white)."""
+    import numpy as np
+    from PIL import Image
+
+    from segexp.data.io import read_image
+
+    ramp = np.linspace(0, 65535, 64 * 32).reshape(32, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "cells.png")
+    img = read_image(tmp_path / "cells.png")
+    assert img.shape == (32, 64, 3) and img.dtype == np.uint8
+    assert img[0, 0, 0] == 0 and img[-1, -1, 0] == 255
+    assert abs(int(img[16, 0, 0]) - round(ramp[16, 0] / 257)) <= 1  # proportional, mid-range
+    assert (img[..., 0] == 255).mean() < 0.01

@@ -69,8 +69,13 @@ def _open(path: str | os.PathLike) -> Image.Image:
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """RGB uint8 HxWx3 from any format PIL reads (grayscale and RGBA are converted)."""
+    """RGB uint8 HxWx3 from any format PIL reads (grayscale and RGBA are converted). 16-bit
+    grayscale (microscopy TIFF/PNG) is scaled 0..65535 -> 0..255: PIL's own conversion clips it,
+    which turns a typical 16-bit image almost entirely white."""
     img = _open(path)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        gray = np.asarray(img).astype(np.float64) * (255.0 / 65535.0)
+        return np.repeat(gray.clip(0, 255).round().astype(np.uint8)[..., None], 3, axis=2)
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.asarray(img, dtype=np.uint8).copy()
