@@ -32,7 +32,8 @@ def test_train_writes_metrics_config_checkpoints_and_prints_run_dir(trained_run)
     run_dir, proc = trained_run
     metrics = read_metrics(run_dir)
     for key in ("val/mIoU", "val/pixel_acc", "test/mIoU", "test/pixel_acc", "val/mIoU_best"):
-        assert key in metrics and 0.0 <= metrics[key] <= 1.0, key
+        assert key in metrics, key
+    assert metrics["val/mIoU_best"] >= metrics["val/mIoU"] - 1e-6  # the best epoch is at least the last
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert f"run directory: {run_dir}" in proc.stdout
@@ -73,7 +74,8 @@ def test_eval_writes_metrics_table_dumps_and_runs_tta(trained_run, data_dir, tmp
         cwd=REPO,
     )
     assert_ok(proc)
-    assert 0.0 <= read_metrics(tmp_path)["test/mIoU"] <= 1.0
+    # the training run tested this same (best) checkpoint on the same split: identical numbers
+    assert read_metrics(tmp_path)["test/mIoU"] == pytest.approx(read_metrics(run_dir)["test/mIoU"], abs=1e-6)
     assert (tmp_path / "per_class.md").read_text().count("|") > 10
     with open(tmp_path / "per_image.csv") as fh:
         rows = list(csv.DictReader(fh))
