@@ -14,7 +14,8 @@ always computed at GT resolution. The maps then follow the ``uint8`` conventions
 Writes to ``OUT``: ``results.md``, ``results.csv``, ``results.tex`` (rows: methods; columns:
 dataset x MAE, maxF, meanF, adpF, S, maxE, meanE, adpE, wF; "maxF" is the max of the
 image-averaged F curve, as PySODEvalToolkit reports), ``results.json`` (all numbers, with
-``maxF_pr`` and the curves), and ``curves_<dataset>.png`` with the PR curves and the
+``maxF_pr`` and the curves; curve index i is threshold i, 0 -> 255, the reverse of the MATLAB
+toolbox's and PySODMetrics' 255 -> 0 order), and ``curves_<dataset>.png`` with the PR curves and the
 F-measure-versus-threshold curves of all methods.
 """
 

@@ -26,7 +26,8 @@ Two variants:
   Bounds: the uniformer is >= 0 and every softmax mean lies in the simplex, so each squared
   distance is <= 2 and ``L >= -(1 - alpha) * 2 * N * (N - 1)`` (-2 for N=2, alpha=0.5).
 
-``official``, the released code (``sofmonk/class_agnostic_loss_saliency : m_loss2.py : lss``),
+``official``, the released code (``sofmonk/class_agnostic_loss_saliency@def297f : cas.py : lss``; first
+uploaded as ``m_loss2.py``, deleted in a4c3e06),
   for parity: binary masks only, ``g = m + eps``, ``gbar = 1 - m + eps`` (eps = 3e-5), soft means
   over the whole image weighted by g / gbar, uniformer on the foreground only
   (``sum_x g^2 (s - mean_fg)^2 / (sum_x g + eps)``), the FG/BG pair counted once, and the batch
@@ -42,7 +43,7 @@ from torch import nn
 __all__ = ["cas_loss_paper", "cas_loss_official", "CASLoss", "VARIANTS"]
 
 VARIANTS = ("paper", "official")
-OFFICIAL_EPS = 3e-5  # m_loss2.py: eps = 0.00003
+OFFICIAL_EPS = 3e-5  # cas.py: eps = 0.00003
 OFFICIAL_DIVISOR = 40.0  # config.py: BATCH_SIZE = 40
 
 
