@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from segexp.methods.affinitynet import AffinityNetMethod, labels_on_grid, pair_masks
-from segexp.models.affinitynet import dense_from_pairs, pair_affinity, pair_indices
+from segexp.models.affinitynet import pair_affinity, pair_indices
 from segexp.postprocess.affinity import affinity_labels, affinity_loss, pair_offsets
+from segexp.postprocess.random_walk import sparse_affinity
 
 CLASSES = ["background", "a", "b"]
 
@@ -147,10 +148,10 @@ def test_weights_are_config_and_unknown_kinds_are_rejected():
         )
 
 
-def test_dense_affinity_is_symmetric_with_unit_diagonal_and_zero_beyond_the_radius():
+def test_affinity_is_symmetric_with_unit_diagonal_and_zero_beyond_the_radius():
     emb = torch.randn(1, 4, 6, 7)
     src, dst = pair_indices(6, 7, 3)
-    dense = dense_from_pairs(pair_affinity(emb, src, dst)[0], src, dst, 42)
+    dense = sparse_affinity(pair_affinity(emb, src, dst)[0], src, dst, 42).to_dense()
     assert torch.allclose(dense, dense.T) and torch.all(dense.diagonal() == 1)
     yy, xx = np.divmod(np.arange(42), 7)
     far = torch.from_numpy((yy[:, None] - yy[None]) ** 2 + (xx[:, None] - xx[None]) ** 2 >= 9)
@@ -247,7 +248,7 @@ def test_rw_stage_spreads_cams_keeps_image_classes_and_reuses_its_cache(rw_setup
     stage = RandomWalkStage(cams, labels, affinity_ckpt=ckpt, cache_dir=cache, device="cpu", progress=False)
     first = stage.run(reader, evaluate=True)
     assert first["computed"] == 3 and first["reused"] == 0 and first["seconds_per_image"] > 0
-    assert first["peak_memory_MB"] == pytest.approx(3 * 144**2 * 4 / 2**20, abs=0.006)  # 12 x 12 grid
+    assert "peak_memory_MB" not in first  # measured on CUDA only; the CPU walk holds the sparse T
     ious_rw, ious_cam = [], []
     for i in range(3):
         label, gt = stage.get(reader, i), reader[i]["mask"]

@@ -184,3 +184,28 @@ def test_run_key_follows_the_weights_file_behind_backbone_pretrained(tmp_path):
     weights.write_bytes(b"second, retrained")  # same path, another file
     os.utime(weights, ns=(1, 1))
     assert key() != first
+
+
+@pytest.mark.parametrize("logt", [6, 8])
+def test_sparse_walk_equals_the_released_dense_squarings(logt):
+    """psa/SEAM: T^(2^logt) by logt dense squarings, then v T. Here: 2^logt sparse products of v.
+    Same numbers to float rounding, same labels, on a radius-5 affinity of a 20 x 24 grid."""
+    from segexp.models.affinitynet import pair_affinity, pair_indices
+    from segexp.postprocess.random_walk import sparse_affinity
+
+    torch.manual_seed(0)
+    h, w = 20, 24
+    src, dst = pair_indices(h, w, 5)
+    aff = pair_affinity(torch.randn(1, 8, h, w), src, dst)[0]
+    scores = torch.rand(4, h, w)
+    sparse = sparse_affinity(aff, src, dst, h * w)
+    t = sparse.to_dense().double().pow(8)
+    t = t / t.sum(0, keepdim=True)
+    for _ in range(logt):  # the released computation, in float64 as the reference
+        t = t @ t
+    reference = (scores.reshape(4, -1).double() @ t).reshape(4, h, w)
+    walked = random_walk(scores, sparse, beta=8, logt=logt)
+    assert torch.allclose(walked.double(), reference, rtol=1e-4, atol=1e-6)
+    assert torch.equal(walked.argmax(0), reference.argmax(0))
+    from_dense = random_walk(scores, sparse.to_dense(), beta=8, logt=logt)
+    assert torch.allclose(from_dense, walked)  # a dense affinity gives the same

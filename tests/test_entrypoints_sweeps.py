@@ -72,7 +72,7 @@ def test_optuna_study_resumed_from_storage_proposes_new_points(data_dir, tmp_pat
                 *BASE,
                 "hparams_search=supervised_optuna",
                 "hydra.sweeper.n_trials=1",
-                "hydra.sweeper.sampler.n_startup_trials=10",  # random phase: where a fixed seed repeats itself
+                "hydra.sweeper.sampler.n_startup_trials=10",  # random phase: a fixed seed repeats itself
                 f"hydra.sweeper.storage=sqlite:///{db}",
                 "schedule.epochs=1",
                 "test=false",

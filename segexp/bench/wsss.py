@@ -93,16 +93,54 @@ def bench_rw(size: int, n: int) -> dict:
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / n
     g = -(-size // 8)
-    hw = g * g
-    out = {
-        "size": size,
-        "grid": [g, g],
-        "device": device,
-        "seconds_per_image": round(dt, 4),
-        "dense_matrices_MB": round(3 * hw * hw * 4 / 2**20, 2),  # affinity + T + T @ T (fp32)
-    }
+    out = {"size": size, "grid": [g, g], "device": device, "seconds_per_image": round(dt, 4)}
     if device == "cuda":
         out["peak_cuda_MB"] = round(torch.cuda.max_memory_allocated() / 2**20, 2)
+    return out
+
+
+def _dense_walk(scores: torch.Tensor, affinity: torch.Tensor, beta: float, logt: int) -> torch.Tensor:
+    """The released computation (psa / SEAM infer_aff.py), kept here only as the reference: T^(2^logt)
+    by logt dense (hw)^2 squarings, then v T."""
+    t = affinity.pow(beta)
+    t = t / t.sum(0, keepdim=True)
+    for _ in range(logt):
+        t = t @ t
+    return scores.reshape(scores.shape[0], -1) @ t
+
+
+def bench_rw_methods(height: int = 375, width: int = 500, stride: int = 8, radius: int = 5) -> dict:
+    """Sparse walk vs the released dense squarings on one VOC-sized image's grid (21 score rows),
+    at SEAM's (logt 6) and psa's (logt 8) settings: seconds, speed-up, same labels, matrix memory."""
+    from segexp.models.affinitynet import pair_affinity, pair_indices
+    from segexp.postprocess.random_walk import random_walk, sparse_affinity
+
+    torch.manual_seed(0)
+    h, w = -(-height // stride), -(-width // stride)
+    src, dst = pair_indices(h, w, radius)
+    affinity = sparse_affinity(pair_affinity(torch.randn(1, 32, h, w), src, dst)[0], src, dst, h * w)
+    scores = torch.rand(21, h, w)
+    dense = affinity.to_dense()
+    out = {
+        "grid": [h, w],
+        "pairs": int(src.numel()),
+        "dense_matrix_MB": round(h * w * h * w * 4 / 2**20, 1),  # the reference holds 3 at a time
+        "sparse_T_MB": round(affinity.values().numel() * (4 + 2 * 8) / 2**20, 2),  # values + COO indices
+    }
+    for logt in (6, 8):
+        t0 = time.perf_counter()
+        reference = _dense_walk(scores, dense, 8.0, logt).reshape(21, h, w)
+        t_dense = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        walked = random_walk(scores, affinity, beta=8.0, logt=logt)
+        t_sparse = time.perf_counter() - t0
+        out[f"logt{logt}"] = {
+            "dense_s": round(t_dense, 3),
+            "sparse_s": round(t_sparse, 4),
+            "speedup": round(t_dense / t_sparse, 1),
+            "same_labels": bool(torch.equal(walked.argmax(0), reference.argmax(0))),
+            "max_rel_diff": float(((walked - reference).abs().max() / reference.abs().max()).item()),
+        }
     return out
 
 
@@ -119,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cam_export": bench_cam_export(size, n),
         "crf": bench_crf(size, 2 * n),
         "random_walk": bench_rw(max(size, 320) if not args.quick else size, n),
+        "random_walk_vs_dense": bench_rw_methods(*((120, 160) if args.quick else (375, 500))),
     }
     print(json.dumps(result, indent=2))
     if args.json:

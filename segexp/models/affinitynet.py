@@ -31,7 +31,7 @@ from torch import nn
 import segexp.models.resnet38d  # noqa: F401  (registers timm "resnet38d")
 from segexp.postprocess.affinity import pair_offsets
 
-__all__ = ["AffinityNet", "effective_radius", "pair_indices", "pair_affinity", "dense_from_pairs"]
+__all__ = ["AffinityNet", "effective_radius", "pair_indices", "pair_affinity"]
 
 
 def effective_radius(h: int, w: int, radius: int) -> int:
@@ -65,16 +65,6 @@ def pair_affinity(emb: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> to
     """``exp(-mean_c |f_src - f_dst|)`` of embeddings (N, D, h, w): (N, P)."""
     f = emb.flatten(2)
     return torch.exp(-(f[:, :, src] - f[:, :, dst]).abs().mean(1))
-
-
-def dense_from_pairs(aff: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, n: int) -> torch.Tensor:
-    """Dense symmetric (n, n) affinity of one image from its pair affinities (P,), unit diagonal,
-    zero beyond the radius (psa ``to_dense``)."""
-    dense = torch.zeros(n, n, dtype=aff.dtype, device=aff.device)
-    dense[src, dst] = aff
-    dense[dst, src] = aff
-    dense.fill_diagonal_(1.0)
-    return dense
 
 
 class AffinityNet(nn.Module):

@@ -4,12 +4,12 @@ cached, parallel-safe (each rank / worker fills its own share of the cache), sco
 Per image (:func:`random_walk_label`):
 
 1. the image (normalised) is zero-padded to a multiple of the AffinityNet stride (8);
-2. AffinityNet embedding -> pair affinities within the radius -> dense symmetric affinity with unit
-   diagonal (:func:`segexp.models.affinitynet.dense_from_pairs`);
+2. AffinityNet embedding -> pair affinities within the radius -> sparse symmetric affinity with unit
+   diagonal (:func:`segexp.postprocess.random_walk.sparse_affinity`);
 3. scores ``[bg = (1 - max CAM)^alpha, CAMs]`` at full size, zero-padded the same way and
    average-pooled by the stride (:func:`segexp.postprocess.random_walk.rw_scores`);
-4. random walk ``v T^(2^logt)`` with ``T = A^beta`` column-normalised
-   (:func:`segexp.postprocess.random_walk.random_walk`);
+4. random walk ``v T^(2^logt)`` with ``T = A^beta`` column-normalised, as 2^logt sparse products
+   (:func:`segexp.postprocess.random_walk.random_walk`; no dense (hw)^2 matrix);
 5. bilinear upsampling to the padded size, crop, argmax over [background, the image's classes].
 
 Defaults are SEAM's (beta 8, logt 6, alpha 6); psa's (beta 8, logt 8, alpha 16, high CRF alpha 32,
@@ -44,21 +44,19 @@ from segexp.pipeline import method_override_key, without_method
 from segexp.postprocess.affinity_stage import AffinityLabelStage
 from segexp.postprocess.cam_export import CAMStage, image_tensor, load_method
 from segexp.postprocess.crf import CRFStage
-from segexp.postprocess.random_walk import random_walk, rw_scores
+from segexp.postprocess.random_walk import random_walk, rw_scores, sparse_affinity
 from segexp.utils.atomic import write_json
 from segexp.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RandomWalkStage", "random_walk_label", "dense_affinity_of"]
+__all__ = ["RandomWalkStage", "random_walk_label", "affinity_of"]
 
 
-def dense_affinity_of(method: Any, x: torch.Tensor) -> torch.Tensor:
-    """Dense (hw, hw) affinity of one normalised image (1, 3, H, W) from an AffinityNet method."""
-    from segexp.models.affinitynet import dense_from_pairs
-
+def affinity_of(method: Any, x: torch.Tensor) -> torch.Tensor:
+    """Sparse (hw, hw) affinity of one normalised image (1, 3, H, W) from an AffinityNet method."""
     aff, src, dst, (h, w) = method.affinities(x)
-    return dense_from_pairs(aff[0], src, dst, h * w)
+    return sparse_affinity(aff[0], src, dst, h * w)
 
 
 @torch.no_grad()
@@ -77,7 +75,7 @@ def random_walk_label(
     h, w = x.shape[-2:]
     ph, pw = -(-h // stride) * stride, -(-w // stride) * stride
     x = F.pad(x, (0, pw - w, 0, ph - h))
-    aff = dense_affinity_of(method, x)
+    aff = affinity_of(method, x)
     v = rw_scores(torch.from_numpy(np.asarray(cams, np.float32)).to(device), alpha=alpha, stride=1)
     v = F.avg_pool2d(F.pad(v, (0, pw - w, 0, ph - h))[None], stride, stride)[0]
     if v.shape[-2] * v.shape[-1] != aff.shape[0]:
@@ -309,10 +307,6 @@ class RandomWalkStage(CRFStage):
         index = random_walk_label(method, image, cams, self.beta, self.logt, self.alpha, self.device)
         if self.device.startswith("cuda"):
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated())
-        else:  # dense affinity + transition matrix + its square, fp32
-            stride = int(method.model.stride)
-            cells = -(-image.shape[0] // stride) * -(-image.shape[1] // stride)
-            self.peak_bytes = max(self.peak_bytes, 3 * cells * cells * 4)
         lut = np.concatenate([[0], classes]).astype(np.uint8)
         return lut[index]
 
@@ -324,8 +318,8 @@ class RandomWalkStage(CRFStage):
         world_size: int = 1,
         workers: int | None = None,
     ) -> dict[str, Any]:
-        """:meth:`CRFStage.run` with the random walk; adds seconds per image and peak memory (CUDA: the
-        allocator's peak; CPU: the three dense (hw)^2 fp32 matrices of the walk) of in-process work."""
+        """:meth:`CRFStage.run` with the random walk; adds seconds per image and, on CUDA, the
+        allocator's peak memory of in-process work (on CPU the walk holds only the sparse T, O(pairs))."""
         self.checkpoint()
         self.peak_bytes = 0
         report = super().run(reader, evaluate=evaluate, rank=rank, world_size=world_size, workers=workers)
