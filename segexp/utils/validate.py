@@ -3,8 +3,9 @@
 Why: ``data.batch_size=abc`` used to surface 34 s later as ``TypeError: '>' not supported between
 'int' and 'str'`` deep in a DataLoader. Two checks, both before anything is built:
 
-* a value set on the command line must keep the type of the value it replaces (a number stays a
-  number, a flag a flag): the config without the user's plain-value overrides is the reference;
+* a value set on the command line where the config has a number must be a number (an integer where
+  it has an integer): the config without the user's plain-value overrides is the reference. Flags
+  are not checked: some take a flag or a path (``backbone.pretrained``);
 * a few keys have ranges (``RANGES``): batch sizes and epochs are positive, learning rates too.
 """
 
@@ -33,7 +34,7 @@ RANGES: dict[str, tuple[float, bool]] = {
 
 def _kind(value) -> str | None:
     if isinstance(value, bool):
-        return "a boolean (true/false)"
+        return None  # true/false or a path (pretrained), a flag or a mode: not checked
     if isinstance(value, numbers.Integral):
         return "an integer"
     if isinstance(value, numbers.Real):
@@ -42,8 +43,6 @@ def _kind(value) -> str | None:
 
 
 def _fits(old, new) -> bool:
-    if isinstance(old, bool):
-        return isinstance(new, bool)
     if isinstance(old, numbers.Integral):
         return isinstance(new, numbers.Integral) and not isinstance(new, bool)
     if isinstance(old, numbers.Real):
