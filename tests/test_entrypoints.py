@@ -114,3 +114,4 @@ def test_ddp_on_cpu_with_two_processes_gives_the_same_metric_keys(trained_run, d
     assert_ok(proc)
     assert set(read_metrics(tmp_path)) == set(read_metrics(run_dir))
     assert "world_size: 2" in (proc.stdout + proc.stderr) or "GLOBAL_RANK: 1" in (proc.stdout + proc.stderr)
+    assert "sync_dist" not in proc.stderr  # epoch metrics are reduced before logging: no advice to add it

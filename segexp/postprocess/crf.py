@@ -175,7 +175,8 @@ class CRFStage(CachedStage):
         mine = set(shard(list(keys), rank, world_size)) if evaluate else todo
         index = {i: n for n, i in enumerate(reader.ids)}
         jobs = [(index[i], keys[i], i in todo, evaluate) for i in sorted(mine)]
-        n_workers = max(1, min(workers or self.workers or 1, max(1, len(jobs))))
+        # nothing to compute (only cached maps to score): no pool, whose start-up would be all its cost
+        n_workers = max(1, min(workers or self.workers or 1, len(todo)))
         t0 = time.perf_counter()
         if n_workers == 1:
             _init(self, reader, cache, cam_cache)
