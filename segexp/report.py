@@ -293,12 +293,14 @@ def bar_chart(path: Path, keys, groups, metrics) -> None:
     )
     for ax, m in zip(axes[0], metrics):
         stats = [mean_std(g.values(m)) for g in groups]
-        ax.bar(
-            range(len(groups)),
-            [s[0] for s in stats],
-            yerr=[0 if math.isnan(s[1]) else s[1] for s in stats],
-            capsize=3,
-        )
+        means = [s[0] for s in stats]
+        errs = [0 if math.isnan(s[1]) else s[1] for s in stats]
+        ax.bar(range(len(groups)), means, yerr=errs, capsize=3)
+        shown = [(mu - e, mu + e) for mu, e in zip(means, errs) if math.isfinite(mu)]
+        if shown:  # zoom on the values: differences of a few points must be visible
+            lo, hi = min(a for a, _ in shown), max(b for _, b in shown)
+            pad = 0.25 * (hi - lo) or 0.05 * abs(hi) or 0.05
+            ax.set_ylim(lo - pad if lo - pad > 0 or lo < 0 else 0, hi + pad)
         ax.set_xticks(range(len(groups)), labels, rotation=45, ha="right", fontsize=8)
         ax.set_title(m)
     fig.tight_layout()
