@@ -246,25 +246,22 @@ def test_method_phases_and_every_parameter_gets_a_gradient():
     assert method.predict(batch["image"]).shape == (2, 3, 64, 64)
 
 
-def _val_miou(run_dir) -> float:
-    return json.loads((run_dir / "metrics.json").read_text())["val/mIoU_best"]
-
-
 @pytest.mark.slow
-def test_box2seg_beats_training_on_box_rectangles(data_dir, tmp_path):
-    """Both experiments exactly as configured (2,000 plain-style images at 64 px, 30 epochs, same
-    network, schedule and seed; experiments/box2seg_shapes/results.md): Box2Seg must beat the box
-    rectangles clearly. ~25 min per run on one core; the runs make the GrabCut and box caches.
-    Measured with these configs: 0.750 vs 0.605."""
+def test_grabcut_masks_beat_the_box_rectangles_as_targets(data_dir, tmp_path):
+    """What the Box2Seg study shows in miniature (experiments/study_box2seg, 3 seeds): CE on GrabCut
+    masks 0.634 +- 0.006 vs the box rectangles 0.613 +- 0.003 test mIoU on the clutter set; one seed of
+    each, exactly as configured (~3 min each on 2 idle cores). Box2Seg's own terms do not beat CE on
+    GrabCut there (0.576 +- 0.019): that claim is not asserted because it does not hold."""
     scores = {}
-    for name in ("box_rect_shapes", "box2seg_shapes"):
-        run_dir = tmp_path / name
-        args = [f"+experiment={name}", f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"]
+    for variant in ("box_rect", "gc_only"):
+        run_dir = tmp_path / variant
+        args = ["+experiment=study_box2seg", "hydra.mode=RUN", f"variant={variant}", "seed=0",
+                f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}"]  # fmt: skip
         proc = run_cli("segexp.train", args, cwd=REPO, timeout=3600)
         assert proc.returncode == 0, proc.stderr[-4000:]
-        scores[name] = _val_miou(run_dir)
-    print("val mIoU:", scores)
-    assert scores["box2seg_shapes"] > scores["box_rect_shapes"] + 0.03
+        scores[variant] = json.loads((run_dir / "metrics.json").read_text())["test/mIoU"]
+    print("test mIoU:", scores)
+    assert scores["gc_only"] > scores["box_rect"] + 0.005
 
 
 @pytest.mark.slow
@@ -277,4 +274,6 @@ def test_box2seg_ddp_cpu_one_epoch(data_dir, tmp_path):
         cwd=REPO, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert 0.0 <= json.loads((tmp_path / "metrics.json").read_text())["val/mIoU"] <= 1.0
+    assert "val/mIoU" in json.loads((tmp_path / "metrics.json").read_text())
+    panels = list((tmp_path / "csv").rglob("train_panels_*.png"))  # image | pseudo label | prediction
+    assert panels, "no training panel with the GrabCut pseudo labels"

@@ -63,6 +63,7 @@ class SegMethod(pl.LightningModule):
         self.val_cm = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index)
         self.test_cm = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index)
         self._panel_batch: dict[str, Any] | None = None
+        self._train_panel_batch: dict[str, Any] | None = None  # first batch with pseudo labels of an epoch
         # Evaluation-time augmentation (segexp.postprocess.tta): scales, flip, window, stride.
         self.tta = dict(_plain(tta) or {})
         # Set by segexp.runner.evaluate: write test predictions / per-image scores there.
@@ -91,7 +92,17 @@ class SegMethod(pl.LightningModule):
         for name, value in losses.items():
             self.log(f"train/loss_{name}", value.detach(), batch_size=bs)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
+        if batch_idx == 0 and "pseudo" in batch:  # drawn at epoch end: image | pseudo label | prediction
+            self._train_panel_batch = batch
         return total
+
+    def on_train_epoch_end(self) -> None:
+        batch, self._train_panel_batch = self._train_panel_batch, None
+        if batch is None or not self._panels_due():
+            return
+        with torch.no_grad():
+            pred = self.infer(batch["image"]).argmax(1)
+        self._draw_panels("train/panels", batch, pred, batch["pseudo"], {}, target_title="pseudo label")
 
     # -- evaluation ----------------------------------------------------------------------------
     def infer(self, images: torch.Tensor) -> torch.Tensor:
@@ -141,23 +152,29 @@ class SegMethod(pl.LightningModule):
         """Extra panel columns (title -> (B, H, W) map; floats in [0, 1] are drawn as heat maps)."""
         return {}
 
-    def _send_panels(self) -> None:
+    def _panels_due(self) -> bool:
         every = int(self.panels.get("every_n_epochs", 1))
-        if self._panel_batch is None or every <= 0 or self.trainer.sanity_checking:
-            return
-        if not self.trainer.is_global_zero or self.current_epoch % every:
+        if every <= 0 or self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return False
+        return self.current_epoch % every == 0
+
+    def _send_panels(self) -> None:
+        if self._panel_batch is None or not self._panels_due():
             return
         batch, pred = self._panel_batch["batch"], self._panel_batch["pred"]
+        columns = self._panel_batch.get("columns") or {}
+        self._draw_panels("val/panels", batch, pred, batch.get("mask"), columns)
+        self._panel_batch = None
+
+    def _draw_panels(self, tag, batch, pred, target, columns, target_title: str = "GT") -> None:
         n = min(int(self.panels.get("max_images", 4)), batch["image"].shape[0])
         images = [denormalize(batch["image"][i]) for i in range(n)]
-        targets = [batch["mask"][i].cpu().numpy() if "mask" in batch else None for i in range(n)]
+        targets = [target[i].cpu().numpy() if target is not None else None for i in range(n)]
         preds = [pred[i].cpu().numpy() for i in range(n)]
-        columns = self._panel_batch.get("columns") or {}
         extras = {title: [m[i].float().cpu().numpy() if m.is_floating_point() else m[i].cpu().numpy()
                           for i in range(n)] for title, m in columns.items()}
-        log_panels(self.loggers, "val/panels", images, targets, preds, self.global_step, self.class_names,
-                   extras=extras)
-        self._panel_batch = None
+        log_panels(self.loggers, tag, images, targets, preds, self.global_step, self.class_names,
+                   extras=extras, target_title=target_title)
 
     # -- optimisation --------------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:

@@ -76,11 +76,14 @@ def make_figure(
     class_names: Sequence[str],
     ignore_index: int = 255,
     extras: dict[str, Sequence[np.ndarray]] | None = None,
+    target_title: str = "GT",
 ) -> np.ndarray:
     """Rows of :func:`make_panel` under column titles, above a legend of the classes shown.
-    ``extras``: more columns, title -> one map per image (e.g. ``{"CAM": cams}``)."""
+    ``extras``: more columns, title -> one map per image (e.g. ``{"CAM": cams}``); ``target_title``
+    names the target column (``pseudo label`` on training panels)."""
     extras = extras or {}
-    titles = ["image"] + (["GT"] if any(t is not None for t in targets) else []) + ["prediction", *extras]
+    has_target = any(t is not None for t in targets)
+    titles = ["image"] + ([target_title] if has_target else []) + ["prediction", *extras]
     columns = [[col[k] for col in extras.values()] for k in range(len(images))]
     rows = [make_panel(i, t, p, e) for i, t, p, e in zip(images, targets, preds, columns)]
     h, w = images[0].shape[:2]
@@ -113,10 +116,11 @@ def log_panels(
     step: int,
     class_names: Sequence[str],
     extras: dict[str, Sequence[np.ndarray]] | None = None,
+    target_title: str = "GT",
 ) -> None:
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-    figure = make_figure(images, targets, preds, class_names, extras=extras)
+    figure = make_figure(images, targets, preds, class_names, extras=extras, target_title=target_title)
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(tag, figure, global_step=step, dataformats="HWC")
