@@ -31,6 +31,8 @@ from segexp.utils.panels import log_panels
 # sums are all-reduced in compute()), so Lightning's advice to log them with sync_dist=True would
 # average identical values; its warning (one per metric name under DDP) only misleads.
 warnings.filterwarnings("ignore", message=r".*sync_dist=True.*", category=UserWarning)
+# Lightning 2.6 calling a torch API that torch 2.14 deprecated: nothing a user can act on
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
 def _plain(cfg: Any) -> Any:
