@@ -244,6 +244,7 @@ def test_saliency_dump_writes_original_size_maps_where_sod_eval_reads_them(tmp_p
     assert results["cas"]["shapes_sod"]["MAE"] < 0.05  # the map came back at the GT's size and place
 
 
+@pytest.mark.slow
 def test_sod_route_train_eval_dump_then_sod_eval(data_dir, tmp_path):
     """CAS trained briefly -> segexp.eval dumps its maps -> segexp.sod_eval scores them; the
     checkpoint says which method made it."""
@@ -286,6 +287,25 @@ def test_sod_route_train_eval_dump_then_sod_eval(data_dir, tmp_path):
          "--methods", "cas", "--datasets", "shapes_sod", "--out", str(tmp_path / "table")]
     )  # fmt: skip
     assert (tmp_path / "table" / "results.md").is_file() and "MAE" in results["cas"]["shapes_sod"]
+
+
+def test_load_method_rebuilds_from_the_checkpoint_record_alone(tmp_path):
+    import hydra
+    from omegaconf import OmegaConf
+
+    from segexp.methods.loading import load_method
+    from segexp.runner import provenance
+
+    cfg = compose(["+experiment=cas_shapes_sod"], out_dir=tmp_path)
+    method = hydra.utils.instantiate(cfg.method)
+    checkpoint = {"state_dict": method.state_dict(), "segexp": provenance(cfg)}
+    assert checkpoint["segexp"]["method_config"] == OmegaConf.to_container(cfg.method, resolve=True)
+    torch.save(checkpoint, tmp_path / "cas.ckpt")
+    rebuilt = load_method(tmp_path / "cas.ckpt")
+    assert type(rebuilt) is type(method) and not rebuilt.training
+    image = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.saliency(image), method.eval().saliency(image))
 
 
 def test_load_method_needs_a_recorded_config_and_never_refetches_weights(tmp_path):

@@ -82,6 +82,8 @@ class AffinityNetMethod(SegMethod):
         label_key: the batch key holding affinity labels (``pseudo``).
     """
 
+    predicts_classes = False  # pair affinities; labels come from the rw stage
+
     def __init__(
         self,
         model: nn.Module,

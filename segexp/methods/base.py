@@ -43,6 +43,9 @@ class SegMethod(pl.LightningModule):
     """Base of all methods. Subclasses set ``train_keys``/``eval_keys`` via config and implement
     ``compute_losses(batch) -> dict[name, scalar]`` (already weighted) and ``predict(images)``."""
 
+    #: ``predict`` gives class scores (AffinityNet's gives none: no training panel for it)
+    predicts_classes: bool = True
+
     def __init__(
         self,
         num_classes: int,
@@ -94,7 +97,7 @@ class SegMethod(pl.LightningModule):
         for name, value in losses.items():
             self.log(f"train/loss_{name}", value.detach(), batch_size=bs)
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
-        if batch_idx == 0 and "pseudo" in batch:  # drawn at epoch end: image | pseudo label | prediction
+        if batch_idx == 0 and "pseudo" in batch and self.predicts_classes:  # image | pseudo | prediction
             self._train_panel_batch = batch
         return total
 
