@@ -11,9 +11,11 @@ from omegaconf import OmegaConf
 from segexp.utils.cli import normalize_overrides
 from tests.conftest import CONF_DIR, SMALL_SYNTH, compose
 
-# study_* files are their base experiment plus a sweep: composed per variant in tests/test_studies.py
-_NAMES = (p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-EXPERIMENTS = sorted(name for name in _NAMES if not name.startswith("study_"))
+# Multirun experiments (study_*, *_ablation_shapes) are a base experiment plus a sweep: each swept
+# value is composed and resolved below instead of training the base a second time.
+_FILES = sorted((CONF_DIR / "experiment").glob("*.yaml"))
+SWEEPS = [p.stem for p in _FILES if "mode: MULTIRUN" in p.read_text()]
+EXPERIMENTS = [p.stem for p in _FILES if p.stem not in SWEEPS]
 TINY = ["data.batch_size=2", "data.eval_batch_size=2", "data.num_workers=0", "backbone.pretrained=false"]
 
 
@@ -148,6 +150,18 @@ def _coarse_checkpoint(name: str, overrides: list[str], tmp_path: Path) -> list[
     ckpt = tmp_path / "coarse.ckpt"
     torch.save({"state_dict": hydra.utils.instantiate(cfg.method).state_dict()}, ckpt)
     return [f"coarse_ckpt={ckpt}"]
+
+
+@pytest.mark.parametrize("name", [s for s in SWEEPS if not s.startswith("study_")])  # studies: test_studies
+def test_every_swept_value_of_a_multirun_experiment_composes(name, tmp_path):
+    from omegaconf import OmegaConf
+
+    from tests.test_studies import sweep_params
+
+    for key, values in sweep_params(name).items():
+        for value in values:
+            cfg = compose([f"+experiment={name}", "hydra.mode=RUN", f"{key}={value}"], out_dir=tmp_path)
+            OmegaConf.to_container(cfg, resolve=True)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)

@@ -75,6 +75,8 @@ def test_optuna_study_resumed_from_storage_proposes_new_points(data_dir, tmp_pat
                 "hydra.sweeper.sampler.n_startup_trials=10",  # random phase: a fixed seed repeats itself
                 f"hydra.sweeper.storage=sqlite:///{db}",
                 "schedule.epochs=1",
+                "trainer.limit_train_batches=2",
+                "trainer.limit_val_batches=1",
                 "test=false",
                 f"paths.data_dir={data_dir}",
                 f"hydra.sweep.dir={tmp_path / f'sweep{run}'}",
