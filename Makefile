@@ -30,10 +30,10 @@ train: $(STAMP) ## train + test the default experiment (EXPERIMENT=cam_shapes); 
 # Two pytest workers with one torch thread each: on 2 cores, more threads than cores makes
 # OpenMP spin-wait and every step several times slower.
 test: $(STAMP) ## the default test suite (what CI runs)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal $(PYTEST_ARGS)
 
 test-slow: $(STAMP) ## only the long end-to-end runs (marked slow)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -m slow $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist worksteal -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check segexp tests
