@@ -78,8 +78,6 @@ def provenance(cfg: DictConfig) -> dict[str, Any]:
 
 def check_checkpoint(path: Path, cfg: DictConfig, method: pl.LightningModule) -> None:
     """Refuse, in one line, a checkpoint another method made (or one whose weights do not fit)."""
-    if not path.is_file():
-        raise UserError(f"ckpt_path={path}: no such checkpoint file")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     made_by = ckpt.get("segexp") or {}
     wanted = cfg.method.get("_target_")
@@ -235,7 +233,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg, callbacks, loggers, enable_checkpointing=False)
     if trainer.is_global_zero:
         OmegaConf.save(cfg, out / "config.yaml", resolve=False)
-    datamodule.setup("fit" if split == "val" else "test")
     loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
     # Lightning names test-loop metrics test/*; they are renamed after the split actually evaluated.
     trainer.test(method, dataloaders=loader, ckpt_path=str(ckpt))

@@ -55,7 +55,7 @@ def _checkpoint(run_dir: Path, which: str) -> Path:
 def _load_run(run_dir: Path, which: str):
     """The run's method (from its saved config.yaml) with the chosen checkpoint's weights, and its root."""
     import segexp.utils.resolvers  # noqa: F401 - the config's resolvers
-    from segexp.postprocess.cam_export import load_method
+    from segexp.methods.loading import load_method
 
     config = run_dir / "config.yaml"
     if not config.is_file():
@@ -63,7 +63,7 @@ def _load_run(run_dir: Path, which: str):
     cfg = OmegaConf.load(config)
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     root = Path(OmegaConf.select(cfg, "data.prepare.root", throw_on_resolution_failure=True))
-    return load_method(method_cfg, _checkpoint(run_dir, which)), root
+    return load_method(_checkpoint(run_dir, which), method_cfg), root
 
 
 class _Root:

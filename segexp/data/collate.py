@@ -43,3 +43,17 @@ def pad_collate(
         else:
             batch[key] = torch.stack([torch.as_tensor(v) for v in values])
     return batch
+
+
+def unpadded_sizes(batch: dict[str, Any]) -> list[tuple[int, int]]:
+    """(h, w) of each image's own area in a :func:`pad_collate` batch (padding is bottom/right; the
+    ``valid`` map, when the batch has one, marks the image's pixels)."""
+    valid = batch.get("valid")
+    if valid is None:
+        images = batch["image"]
+        return [tuple(images.shape[-2:])] * images.shape[0]
+    sizes = []
+    for v in valid:
+        rows, cols = v.any(1).nonzero(), v.any(0).nonzero()
+        sizes.append((int(rows.max()) + 1 if len(rows) else 0, int(cols.max()) + 1 if len(cols) else 0))
+    return sizes

@@ -105,8 +105,11 @@ class SegMethod(pl.LightningModule):
         batch, self._train_panel_batch = self._train_panel_batch, None
         if batch is None or not self._panels_due():
             return
+        was_training = self.training
+        self.eval()  # no BatchNorm statistics or dropout from a drawing pass
         with torch.no_grad():
             pred = self.infer(batch["image"]).argmax(1)
+        self.train(was_training)
         self._draw_panels("train/panels", batch, pred, batch["pseudo"], {}, target_title="pseudo label")
 
     # -- evaluation ----------------------------------------------------------------------------

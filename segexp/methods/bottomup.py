@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segexp.data.collate import unpadded_sizes
 from segexp.losses.bottomup import BottomUpLoss, entity_groups, group_mean, target_lines
 from segexp.methods.base import SegMethod, _plain
 from segexp.metrics.entity import EntityMetrics, EntitySimilarity
@@ -73,18 +74,6 @@ def segment_scores(features: torch.Tensor, segments: torch.Tensor) -> torch.Tens
     own = (f * lines[groups.labels]).sum(1).abs()
     return group_mean(own, groups.labels, groups.num_entities + 1)[1:]
 
-
-def _valid_sizes(batch: dict[str, Any]) -> list[tuple[int, int]]:
-    """(h, w) of each image's unpadded area (pad_collate pads bottom/right)."""
-    images = batch["image"]
-    valid = batch.get("valid")
-    if valid is None:
-        return [tuple(images.shape[-2:])] * images.shape[0]
-    sizes = []
-    for v in valid:
-        rows, cols = v.any(1).nonzero(), v.any(0).nonzero()
-        sizes.append((int(rows.max()) + 1 if len(rows) else 0, int(cols.max()) + 1 if len(cols) else 0))
-    return sizes
 
 
 class BottomUpSegmentation(SegMethod):
@@ -206,7 +195,7 @@ class BottomUpSegmentation(SegMethod):
 
     # -- evaluation ----------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any], split: str) -> torch.Tensor:
-        sizes = _valid_sizes(batch)
+        sizes = unpadded_sizes(batch)
         pred, feats = self.segment(batch["image"], sizes)
         gt = batch[self.target_key].clone()
         if "valid" in batch:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from segexp.data.collate import unpadded_sizes
 from segexp.methods.base import SegMethod
 from segexp.metrics.sod import SODMetrics
 
@@ -63,10 +64,7 @@ class SODMethod(SegMethod):
         if valid is None or bool(valid.all()):
             metric.update(pred, gt)
             return
-        for i in range(pred.shape[0]):  # padded batch: score each image on its own area
-            rows = valid[i].any(1).nonzero()
-            cols = valid[i].any(0).nonzero()
-            h, w = int(rows.max()) + 1, int(cols.max()) + 1
+        for i, (h, w) in enumerate(unpadded_sizes(batch)):  # padded batch: each image on its own area
             metric.update(pred[i : i + 1, :h, :w], gt[i : i + 1, :h, :w])
 
     def _log_sod(self, metric: SODMetrics, prefix: str) -> None:

@@ -25,12 +25,13 @@ import torch
 
 from segexp.data.cache import file_key, stable_hash
 from segexp.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from segexp.methods.loading import load_method
 from segexp.postprocess.stage import CachedStage, image_inputs_key, iou_report, reader_root
 from segexp.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CAMStage", "load_method", "image_tensor", "reader_root", "image_inputs_key", "iou_report"]
+__all__ = ["CAMStage", "image_tensor", "reader_root", "image_inputs_key", "iou_report"]
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
@@ -40,13 +41,6 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
     return ((x - mean) / std)[None]
-
-
-def load_method(method_cfg: Mapping[str, Any] | None, ckpt_path: str | os.PathLike, device: str = "cpu"):
-    """The stages' entry to :func:`segexp.methods.loading.load_method` (config first, as they hold it)."""
-    from segexp.methods.loading import load_method as load
-
-    return load(ckpt_path, method_cfg, device)
 
 
 def dense_cams(entry: Mapping[str, np.ndarray], num_fg: int) -> np.ndarray:
@@ -133,7 +127,7 @@ class CAMStage(CachedStage):
     @property
     def method(self):
         if self._method is None:
-            self._method = load_method(self.method_cfg, self.ckpt_path, self.device)
+            self._method = load_method(self.ckpt_path, self.method_cfg, self.device)
         return self._method
 
     @staticmethod

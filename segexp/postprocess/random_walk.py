@@ -38,7 +38,7 @@ def transition(affinity: torch.Tensor, beta: float = 8.0) -> torch.Tensor:
     """T = A^beta, column-normalised, as a sparse COO matrix (``affinity`` dense or sparse (n, n))."""
     a = affinity if affinity.is_sparse else affinity.to_sparse()
     a = a.coalesce()
-    rows, cols = a.indices()
+    cols = a.indices()[1]
     powered = a.values().pow(beta)
     col_sum = torch.zeros(a.shape[1], dtype=powered.dtype, device=powered.device).index_add_(0, cols, powered)
     values = powered / col_sum[cols]

@@ -40,9 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from segexp.data.cache import file_key, stable_hash
+from segexp.methods.loading import load_method
 from segexp.pipeline import method_override_key, without_method
 from segexp.postprocess.affinity_stage import AffinityLabelStage
-from segexp.postprocess.cam_export import CAMStage, image_tensor, load_method
+from segexp.postprocess.cam_export import CAMStage, image_tensor
 from segexp.postprocess.crf import CRFStage
 from segexp.postprocess.random_walk import random_walk, rw_scores, sparse_affinity
 from segexp.utils.atomic import write_json
@@ -236,7 +237,7 @@ class RandomWalkStage(CRFStage):
     @property
     def method(self):
         if self._method is None:
-            self._method = load_method(self.method_config(), self.checkpoint(), self.device)
+            self._method = load_method(self.checkpoint(), self.method_config(), self.device)
         return self._method
 
     def settings(self) -> dict[str, Any]:

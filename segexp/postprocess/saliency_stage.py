@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from segexp.data.cache import file_key
-from segexp.postprocess.cam_export import image_tensor, load_method
+from segexp.methods.loading import load_method
+from segexp.postprocess.cam_export import image_tensor
 from segexp.postprocess.stage import CachedStage, image_inputs_key
 from segexp.utils.device import resolve_device
 
@@ -86,7 +87,7 @@ class SODSaliencyStage(CachedStage):
     @property
     def method(self):
         if self._method is None:
-            self._method = load_method(self.method_cfg, self.ckpt_path, self.device)
+            self._method = load_method(self.ckpt_path, self.method_cfg, self.device)
             if not hasattr(self._method, "saliency"):
                 raise TypeError(
                     f"{self.ckpt_path}: {type(self._method).__name__} is not a SOD method (no saliency())"

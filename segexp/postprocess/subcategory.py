@@ -44,7 +44,8 @@ import torch
 
 from segexp.data.cache import file_key, stable_hash
 from segexp.data.pseudo_labels import PseudoLabels, barrier
-from segexp.postprocess.cam_export import image_tensor, load_method
+from segexp.methods.loading import load_method
+from segexp.postprocess.cam_export import image_tensor
 from segexp.postprocess.stage import CachedStage, reader_root
 from segexp.utils.device import resolve_device
 from segexp.utils.kmeans import kmeans
@@ -230,7 +231,7 @@ class FeatureStage(CachedStage):
         """The method's model in eval mode (dropout off)."""
         if self._network is None:
             if self.ckpt_path:
-                method = load_method(self.method_cfg, self.ckpt_path, self.device)
+                method = load_method(self.ckpt_path, self.method_cfg, self.device)
             else:
                 import hydra
 

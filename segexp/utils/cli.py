@@ -50,15 +50,19 @@ def _sweep_values(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip() and v.strip() != "null"]
 
 
+def is_group_choice(key: str, conf_dir: Path = CONF_DIR) -> bool:
+    """``data``, ``loss``, ``hydra/launcher``...: a key that picks a config file, not a value."""
+    return "/" in key or "@" in key or key.startswith("hydra") or (conf_dir / key).is_dir()
+
+
 def check_config_choices(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     """An option of a config group that does not exist fails before Hydra runs, naming close
     matches (``experiment=supervised_shape`` -> ``supervised_shapes``), never falls back silently."""
     for arg in argv:
         key, sep, value = arg.lstrip("+~").partition("=")
-        group = conf_dir / key
-        if not sep or "." in key or "@" in key or not group.is_dir():
+        if not sep or "." in key or not (conf_dir / key).is_dir():  # only groups of segexp's conf/
             continue
-        options = sorted(p.stem for p in group.glob("*.yaml"))
+        options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
         for name in _sweep_values(value):
             if name not in options:
                 close = difflib.get_close_matches(name, options, n=3, cutoff=0.6)

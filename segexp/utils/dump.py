@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from segexp.data.collate import unpadded_sizes
 from segexp.data.io import write_gray_png, write_palette_png
 from segexp.metrics.semantic import confusion_matrix, scores_from_confusion
 from segexp.utils.atomic import write_text
@@ -75,12 +76,8 @@ class SaliencyDump:
 
     def add(self, batch: dict[str, Any], saliency: torch.Tensor, dataset_index: int = 0) -> None:
         """``saliency`` (B, H, W) in [0, 1] at the batch size; padding cropped, then resized back."""
-        valid = batch.get("valid")
-        for i, meta in enumerate(batch["meta"]):
-            sal = saliency[i].float()
-            if valid is not None:
-                rows, cols = valid[i].any(1).nonzero(), valid[i].any(0).nonzero()
-                sal = sal[: int(rows.max()) + 1, : int(cols.max()) + 1]
+        for i, (meta, (vh, vw)) in enumerate(zip(batch["meta"], unpadded_sizes(batch))):
+            sal = saliency[i, :vh, :vw].float()
             h, w = meta.get("orig_size", sal.shape)
             if tuple(sal.shape) != (h, w):
                 sal = F.interpolate(sal[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]

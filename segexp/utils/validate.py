@@ -18,6 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from segexp.utils.cli import CONF_DIR, is_group_choice
 from segexp.utils.errors import UserError
 
 #: key -> (lowest allowed, whether the lowest itself is allowed)
@@ -32,22 +33,15 @@ RANGES: dict[str, tuple[float, bool]] = {
 }
 
 
-def _kind(value) -> str | None:
-    if isinstance(value, bool):
-        return None  # true/false or a path (pretrained), a flag or a mode: not checked
-    if isinstance(value, numbers.Integral):
-        return "an integer"
-    if isinstance(value, numbers.Real):
-        return "a number"
-    return None
-
-
-def _fits(old, new) -> bool:
+def _expected(old, new) -> str | None:
+    """What ``new`` should have been where the config has ``old``, or None when it fits. Only
+    numbers are checked: a flag may take a path (``pretrained``), a string anything."""
+    if isinstance(old, bool) or new is None or not isinstance(old, numbers.Real):
+        return None
+    is_number = isinstance(new, numbers.Real) and not isinstance(new, bool)
     if isinstance(old, numbers.Integral):
-        return isinstance(new, numbers.Integral) and not isinstance(new, bool)
-    if isinstance(old, numbers.Real):
-        return isinstance(new, numbers.Real) and not isinstance(new, bool)
-    return True
+        return None if is_number and isinstance(new, numbers.Integral) else "an integer"
+    return None if is_number else "a number"
 
 
 def check_types(cfg: DictConfig, reference: DictConfig, keys: Sequence[str]) -> None:
@@ -55,10 +49,9 @@ def check_types(cfg: DictConfig, reference: DictConfig, keys: Sequence[str]) -> 
     for key in keys:
         old = OmegaConf.select(reference, key, throw_on_missing=False)
         new = OmegaConf.select(cfg, key, throw_on_missing=False)
-        kind = _kind(old)
-        if kind is None or new is None or _fits(old, new):
-            continue
-        raise UserError(f"{key}={new!r}: expected {kind} (the config's value is {old!r})")
+        kind = _expected(old, new)
+        if kind is not None:
+            raise UserError(f"{key}={new!r}: expected {kind} (the config's value is {old!r})")
 
 
 def check_ranges(cfg: DictConfig) -> None:
@@ -77,10 +70,10 @@ def value_overrides(overrides: Sequence[str], conf_dir: Path) -> tuple[list[str]
     groups, keys = [], []
     for arg in overrides:
         key = arg.lstrip("+~").split("=", 1)[0]
-        if "=" not in arg or "/" in key or "@" in key or (conf_dir / key).is_dir() or key.startswith("hydra"):
-            groups.append(arg)
-        else:
+        if "=" in arg and not is_group_choice(key, conf_dir):
             keys.append(key)
+        else:
+            groups.append(arg)
     return groups, keys
 
 
@@ -90,8 +83,6 @@ def validate(cfg: DictConfig) -> None:
 
     if HydraConfig.initialized():
         from hydra import compose
-
-        from segexp.utils.cli import CONF_DIR
 
         hc = HydraConfig.get()
         groups, keys = value_overrides(list(hc.overrides.task), CONF_DIR)
