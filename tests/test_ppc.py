@@ -1,5 +1,6 @@
-"""PPC base: thresholded average pooling, the EPS saliency loss and the prototype contrast on
-hand-made inputs; a few training steps of method=ppc and of FBR on it."""
+"""PPC base: thresholded average pooling, the EPS saliency loss and the prototype contrasts on
+hand-made inputs; a few training steps of method=ppc, of FBR's variant (ppc_fbr) and of FBR on it.
+Parity with the release: tests/test_ppc_release.py."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from segexp.losses.ppc import (
     ContrastGrid,
     eps_saliency_loss,
     eps_saliency_prediction,
+    hard_pixel_indices,
     ppc_contrast_losses,
+    ppc_intra_view_loss,
     prototype_nce,
+    semi_hard_negatives,
     tap_logits,
     thresholded_avg_pool,
 )
@@ -107,7 +111,8 @@ def _grid(f, pseudo, prototypes):
     return ContrastGrid(f_proj=f, scores=z, probs=z, pseudo=pseudo, prototypes=prototypes)
 
 
-def test_ppc_cross_and_intra_terms_pair_views_as_released_and_prototypes_are_detached():
+@pytest.mark.parametrize("mask_background", [False, True])
+def test_ppc_cross_view_terms_pair_views_as_released_and_prototypes_are_detached(mask_background):
     torch.manual_seed(0)
     f1 = torch.randn(1, 4, 2, 2, requires_grad=True)
     f2 = torch.randn(1, 4, 2, 2, requires_grad=True)
@@ -115,18 +120,66 @@ def test_ppc_cross_and_intra_terms_pair_views_as_released_and_prototypes_are_det
     p2 = F.normalize(torch.randn(3, 4), dim=-1).requires_grad_()
     y1 = torch.tensor([[[0, 1], [2, 2]]])
     y2 = torch.tensor([[[1, 1], [0, 2]]])
-    cross, intra = ppc_contrast_losses(_grid(f1, y1, p1), _grid(f2, y2, p2), temperature=0.1)
+    cross, cross_cam = ppc_contrast_losses(_grid(f1, y1, p1), _grid(f2, y2, p2), 0.1, mask_background)
 
     def nce(f, p, y):
         f = F.normalize(f.permute(0, 2, 3, 1).reshape(-1, 4), dim=-1)
         y = y.reshape(-1)
-        return prototype_nce(f, p, y, y != 0, 0.1)
+        mask = y != 0 if mask_background else torch.ones_like(y, dtype=torch.bool)
+        return prototype_nce(f, p, y, mask, 0.1)
 
     assert cross.item() == pytest.approx(0.5 * (nce(f1, p2, y1) + nce(f2, p1, y2)).item(), rel=1e-6)
-    assert intra.item() == pytest.approx(0.5 * (nce(f1, p1, y2) + nce(f2, p2, y1)).item(), rel=1e-6)
-    (cross + intra).backward()
+    assert cross_cam.item() == pytest.approx(0.5 * (nce(f1, p1, y2) + nce(f2, p2, y1)).item(), rel=1e-6)
+    (cross + cross_cam).backward()
     assert f1.grad.abs().sum() > 0 and f2.grad.abs().sum() > 0
     assert p1.grad is None and p2.grad is None  # prototypes are targets, never trained through
+
+
+def test_semi_hard_negatives_skip_the_most_similar_and_exclude_the_positive():
+    prototypes = torch.eye(6)
+    feats = torch.tensor([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0]])  # similarity ranks 0 > 1 > 2 > 3 > 4 > 5
+    target = torch.tensor([2])
+    # without the positive (2): ranked 0, 1, 3, 4, 5 -> skip 1 -> [1, 3]
+    assert semi_hard_negatives(feats, prototypes, target, skip=1, count=2).tolist() == [[1, 3]]
+    # the release ranks the positive too: 0, 1, 2, 3, ... -> skip 1 -> [1, 2]
+    assert semi_hard_negatives(feats, prototypes, target, 1, 2, exclude_positive=False).tolist() == [[1, 2]]
+    # fewer prototypes than skip + count: what is left (here 2 of the 5 others after skipping 3)
+    assert semi_hard_negatives(feats, prototypes, target, skip=3, count=10).tolist() == [[4, 5]]
+
+
+def test_hard_pixels_are_the_least_similar_after_dropping_the_very_least():
+    similarity = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 0.0])
+    idx = hard_pixel_indices(similarity, fraction=0.5, pool=0.6, generator=torch.Generator().manual_seed(0))
+    drawn, hard = idx[:5], idx[5:]
+    assert len(set(drawn.tolist())) == 5  # 10 // 2 drawn without replacement
+    # 6 least similar: 9 (0.0), 1, 5, 3, 7, 2 (0.5); the least similar 6 - 5 = 1 dropped
+    assert hard.tolist() == [1, 5, 3, 7, 2]
+
+
+def test_intra_view_term_value_and_the_release_quirks():
+    t = 0.1
+    prototypes = torch.eye(3)
+    feats = F.normalize(torch.tensor([[1.0, 0.2, 0.0], [1.0, 0.0, 0.3], [0.0, 1.0, 0.1]]), dim=-1)
+    targets = torch.tensor([0, 0, 1])  # class 1 has one pixel: no sample, no share of the mean
+    kwargs = {"temperature": t, "skip": 0, "count": 1, "fraction": 0.5, "pool": 0.5}
+    gen = torch.Generator().manual_seed(0)
+    loss = ppc_intra_view_loss(feats, prototypes, targets, generator=gen, **kwargs)
+    # class 0: the most similar other prototype is the negative; pixels: 1 drawn + the least similar
+    drawn = torch.randperm(2, generator=torch.Generator().manual_seed(0))[:1].item()
+    hard = int((feats[:, 0][:2]).argmin())
+
+    def nll(i):
+        negative = 1 + int(feats[i, 2] > feats[i, 1])
+        logits = torch.stack([feats[i, 0], feats[i, negative]]) / t
+        return (torch.logsumexp(logits, 0) - logits[0]).item()
+
+    assert loss.item() == pytest.approx((nll(drawn) + nll(hard)) / 2, rel=1e-5)
+    quirks = ppc_intra_view_loss(
+        feats, prototypes, targets, official_quirks=True, generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    # released: the one-pixel class counts in the mean (/ 2) and the positive, ranked first, is the
+    # only "negative" (count 1, skip 0): -log(e^s / 2 e^s) = log 2 per pixel
+    assert quirks.item() == pytest.approx(math.log(2) / 2, rel=1e-5)
 
 
 def test_ppc_contrast_rejects_unaligned_grids():
@@ -162,7 +215,7 @@ def _batch(n: int = 2, size: int = 48):
     return {"image": torch.randn(n, 3, size, size), "labels": labels, "saliency": torch.rand(n, size, size)}
 
 
-@pytest.mark.parametrize("name", ["ppc", "fbr_ppc"])
+@pytest.mark.parametrize("name", ["ppc", "ppc_fbr", "fbr_ppc"])
 def test_method_steps_and_every_term_is_finite(name):
     method = _method(name, view_size=24, contrast_size=6)
     opt = torch.optim.SGD(method.parameters(), lr=1e-3)
@@ -172,7 +225,9 @@ def test_method_steps_and_every_term_is_finite(name):
         opt.zero_grad()
         total.backward()
         opt.step()
-    expected = {"cls", "amp", "er", "ecr", "sal", "ppc_cross", "ppc_intra"}
+    expected = {"cls", "amp", "er", "ecr", "sal", "ppc_cross", "ppc_cross_cam"}
+    if name == "ppc":
+        expected |= {"ppc_intra"}  # FBR's variant has no PPC intra-view term (FBR's fg takes its place)
     if name == "fbr_ppc":
         expected |= {"sim", "bg_seg", "nroi", "fg"}
     assert set(losses) == expected
@@ -181,15 +236,23 @@ def test_method_steps_and_every_term_is_finite(name):
     assert cams.shape == (2, 5, 48, 48) and float(cams.amax()) <= 1.0
 
 
-def test_ppc_classification_uses_tap_logits():
-    method = _method("ppc", view_size=24, contrast_size=6)
+@pytest.mark.parametrize("name", ["ppc", "ppc_fbr"])
+def test_classification_pools_by_gap_in_ppc_and_by_tap_in_fbrs_variant(name):
+    method = _method(name, view_size=24, contrast_size=6)
     method.eval()  # no dropout anyway (model.dropout 0); deterministic
     batch = _batch()
     out1, out2 = method._views(batch["image"])
     losses = method.view_losses(out1, out2, batch["labels"])
     from segexp.losses.cam import multilabel_soft_margin
 
-    expect = 0.5 * sum(multilabel_soft_margin(method.cls_logits(o), batch["labels"]) for o in (out1, out2))
+    weight = method.model.head.classifier.weight
+    if name == "ppc":
+        assert method.tap_threshold is None
+        logits = [o["cam"].mean((2, 3))[:, 1:] for o in (out1, out2)]
+    else:
+        assert method.tap_threshold == 0.10
+        logits = [tap_logits(o["features"], weight, 0.10)[:, 1:] for o in (out1, out2)]
+    expect = 0.5 * sum(multilabel_soft_margin(lg, batch["labels"]) for lg in logits)
     assert losses["cls"].item() == pytest.approx(expect.item(), rel=1e-6)
 
 

@@ -4,8 +4,9 @@ Bases. FBR is a plug-in; the released code plugs it into PPC (EPS + PCM + protot
 labels + saliency, ResNet-38) and into AMN (image labels). Here the FBR terms live once, in
 :class:`FBRTerms`, and are plugged into
 
-* ``method=fbr_ppc`` - :class:`FBRPPC` on :class:`~segexp.methods.ppc.PPC`, the paper's headline
-  I+S setting (image labels + saliency maps; ``fbr_voc`` / ``fbr_coco``): the total is the
+* ``method=fbr_ppc`` - :class:`FBRPPC` on :class:`~segexp.methods.ppc.PPCasFBR` (the PPC base as
+  FBR's release runs it: TAP, background-masked cross-view terms, no PPC intra-view term), the
+  paper's headline I+S setting (image labels + saliency maps; ``fbr_voc`` / ``fbr_coco``): the total is the
   release's line 427, ``L_PPC + 0.1 L_sim + 0.1 L_seg + 0.01 L_pcl^bg + 0.1 L_pcl^fg``; the
   contrast grid, pseudo labels and prototypes are computed once per view and shared by PPC's
   prototype contrast and the FBR terms, as in the release's ``get_contrast_loss``;
@@ -69,8 +70,8 @@ from segexp.losses.fbr import (
     nroi_contrast_loss,
     uncertain_mask,
 )
-from segexp.losses.ppc import ContrastGrid
-from segexp.methods.ppc import PPC, SEAM_TERMS, ContrastGrids, ReleasedECRSlip, check_weights
+from segexp.losses.ppc import ContrastGrid, flat_features
+from segexp.methods.ppc import PPC, SEAM_TERMS, ContrastGrids, PPCasFBR, ReleasedECRSlip, check_weights
 from segexp.methods.seam import SEAM
 from segexp.models.fbr import NROIBank
 
@@ -151,8 +152,7 @@ class FBRTerms:
         uncertain = uncertain_mask(
             pseudo, grid.scores, grid.probs, self.sure_rate, self.min_score, self.entropy_rate
         )
-        f_proj = grid.f_proj
-        feats = F.normalize(f_proj.permute(0, 2, 3, 1).reshape(-1, f_proj.shape[1]), dim=-1)
+        feats = flat_features(grid.f_proj)
         flat_pseudo, flat_uncertain = pseudo.reshape(-1), uncertain.reshape(-1)
         if w["nroi"] > 0:
             km = self.kmeans
@@ -194,7 +194,7 @@ class FBR(FBRTerms, ContrastGrids, ReleasedECRSlip, SEAM):
         return self.view_losses(*views, batch["labels"])
 
 
-class FBRPPC(FBRTerms, PPC):
-    """FBR on the PPC base (image labels + saliency; ``method=fbr_ppc``)."""
+class FBRPPC(FBRTerms, PPCasFBR):
+    """FBR on the PPC base as FBR's release runs it (image labels + saliency; ``method=fbr_ppc``)."""
 
     TERMS = PPC.TERMS + FBR_TERMS

@@ -1,41 +1,85 @@
 """PPC (``method=ppc``): EPS + PCM + pixel-to-prototype contrast, image labels + saliency maps.
 
-The I+S base of FBR (Du et al., CVPR 2022 "Weakly supervised semantic segmentation by pixel-to-
-prototype contrast", on EPS, Lee et al., CVPR 2021) as the FBR release runs it (``XuYin94/FBR``:
-``network/resnet38_contrast.py``, ``module/train.py``, ``eps.py``; ``/shared/methods/fbr.md`` s.2).
-Built on :class:`~segexp.methods.seam.SEAM` (PCM, ER, ECR/OHEM, adaptive min-pooling are SEAM's
-code); one step:
+Du et al., CVPR 2022 ("Weakly supervised semantic segmentation by pixel-to-prototype contrast") on
+the EPS base (Lee et al., CVPR 2021), as its authors released it: ``usr922/wseg@c62f0d2c``, branch
+``esp`` (``module/train.py``, ``eps.py``, ``network/resnet38_contrast.py``, ``contrast_infer.py``,
+``script/script_contrast.sh``). Built on :class:`~segexp.methods.seam.SEAM` (PCM, ER, ECR/OHEM,
+adaptive min-pooling are SEAM's code). One step:
 
-* views: the crop and the whole crop resized to ``view_size`` x ``view_size`` (released 128 for a
-  448 crop); CAMs and PCM outputs stay on the feature grid (SEAM upsamples them to the view);
-* ``cls``: MLSM on Thresholded-Average-Pooled logits (``tap_threshold`` 0.10; null = GAP) of both
-  views (mean), + SEAM's adaptive min-pooling ``amp`` on the PCM output;
-* ``sal``: EPS on the CAM and on the PCM output of both views:
-  ``mean(eps(cam1), eps(cam2)) + mean(eps(rv1), eps(rv2))`` (tau 0.4 from the release script,
-  alpha 0.5); view 2's saliency is the map bilinearly resized with the view;
+* views: the crop and the whole crop resized to ``view_size`` x ``view_size`` (128 for a 448 crop);
+  CAMs and PCM outputs stay on the feature grid (SEAM upsamples them to the view);
+* ``cls``: MLSM on the GAP of the CAM of both views (mean) + SEAM's adaptive min-pooling ``amp``;
+* ``sal``: EPS on the CAM and on the PCM output of both views, ``mean(eps(cam1), eps(cam2)) +
+  mean(eps(rv1), eps(rv2))`` (tau 0.4 from the script, alpha 0.5); view 2's saliency is the map
+  resized with the view;
 * ``er``, ``ecr``: SEAM's (``official_quirks``: the released background-last ECR slip, below);
-* ``ppc_cross``, ``ppc_intra``: the prototype contrast on the ``contrast_size`` grid (16), weights
-  0.1 each, temperature 0.1 (:func:`~segexp.losses.ppc.ppc_contrast_losses`).
+* on the ``contrast_size`` grid (16), per view: pseudo labels (min-max normalised PCM output, the
+  background a constant 0.10, argmax of ``softmax(scores * [1, labels])``) and prototypes (score-
+  weighted mean feature of each class's top hw/16 scores over the batch), then three terms with
+  temperature 0.1, weight 0.1 each (:mod:`segexp.losses.ppc`):
+  ``ppc_cross`` (pixels vs the other view's prototypes), ``ppc_cross_cam`` (own prototypes, the
+  other view's pseudo labels), ``ppc_intra`` (own prototypes and labels, semi-hard prototype
+  mining + hard pixel sampling). All pixels count, the background too.
 
-Total: ``cls + amp + sal + er + ecr + 0.1 ppc_cross + 0.1 ppc_intra`` (release line 427 minus FBR).
+Total: ``cls + amp + sal + er + ecr + 0.1 (ppc_cross + ppc_cross_cam + ppc_intra)`` (``train_contrast``).
+
+FBR's variant (:class:`PPCasFBR`, ``method=ppc_fbr``, the base of ``method=fbr_ppc``;
+``XuYin94/FBR@fd1aeb85``) changes three things: Thresholded Average Pooling (0.10) for ``cls``,
+background pixels masked out of both cross-view terms, and no ``ppc_intra`` (FBR's ``fg`` term takes
+its place). Background score 0.10 and top-k hw/16 are the same in both releases; the SEAM-base PPC
+(``usr922/wseg`` master @e96b9610, ``contrast_train.py``: image labels only) uses 0.20 and hw/8 - not
+this method.
 
 Background channel. The released network puts the background in the *last* fc8 channel (20);
-segexp keeps it first (channel 0) everywhere - CAMNet's ``background_first``, the PCM input, the
-ECR targets, the pseudo labels - so a released channel ``c < 20`` is our ``c + 1`` and 20 is our
-0. Nothing changes numerically except the one place where the release itself mixes the two
-conventions: its ``max_onehot`` (inherited from SEAM) keeps channel 0, i.e. *aeroplane*, and lets
-the real background join the foreground argmax of the ECR targets. ``official_quirks: true``
-reproduces that slip (:class:`ReleasedECRSlip`, used by FBR too); the default is SEAM's ECR.
+segexp keeps it first (channel 0) everywhere, so a released channel ``c < 20`` is our ``c + 1``.
+Nothing changes numerically except where the release itself mixes the conventions (below).
 
-Choices where the release is silent or differs from SEAM's base:
+Paper and release. The paper's text was not at hand here (only its abstract, which names both
+mining strategies), so every default is the release's value; where the release's code contradicts
+its own evident intent, segexp follows the intent and ``official_quirks: true`` reproduces the code:
 
-* no Dropout before the classifier (the released ``fc8`` is applied to conv6 directly):
-  ``model.dropout: 0``;
-* the prototypes use the un-zeroed normalised scores (see :mod:`segexp.methods.fbr`); the absent
-  classes' and the background's prototypes stay in the softmax as released;
-* inference (``contrast_infer.py``): softmax over all 1+K channels of the plain CAM per pass,
-  foreground probabilities x label, summed over scales x flips, max-normalised
-  (``cam_norm: max``), background threshold 0.22 (release script).
+1. ECR: the inherited ``max_onehot`` keeps channel 0 - on a background-last map that is *aeroplane* -
+   and lets the background join the foreground argmax of the ECR targets (:class:`ReleasedECRSlip`);
+2. ``ppc_intra``: the semi-hard window (``topk(neg_scores, 13)[:, 3:]``) ranks the pixel's own
+   prototype among its "negatives" (it is prepended as the positive as well, so it can sit in the
+   denominator twice, or push the window one rank down); here the negatives are the other classes'
+   prototypes (:func:`~segexp.losses.ppc.semi_hard_negatives`);
+3. ``ppc_intra``: classes with a single pixel add nothing but count in the mean over classes; here
+   the mean runs over the classes that contribute.
+
+Compared with the release (``tests/test_ppc_release.py``: its code run on seeded inputs, values and
+gradients stored as constants):
+
+* matched to float precision (equal values, prototypes within 6e-8, gradients within 5e-10):
+  ``cls + amp``, ``sal``, ``er``,
+  ``ecr`` (quirks), pseudo labels, prototypes, ``ppc_cross``, ``ppc_cross_cam``, ``ppc_intra``
+  (quirks; the hard-pixel draws made equal by seeding both sides);
+* matched by reading: the views and saliency resizing, the network (fc8 on conv6 without dropout,
+  1x1 ReLU projection to 128, the PCM), weights, temperature, inference (softmax over all channels
+  of the plain CAM per pass, foreground x label, 4 scales x flip summed, ``/ (max + 1e-5)``,
+  background 0.22 from the script, ``cam_norm: max``);
+* intentionally different: items 1-3 above (differences on the test inputs: ``ecr`` 0.029,
+  ``ppc_intra`` 0.030, mostly item 3); pixels at a channel's minimum get score 0 (SEAM's
+  ``max_norm``) where the release gives ``-(min + 1e-5) / (max - min + 1e-5)`` - same pseudo labels
+  (the background's 0.10 wins either way), and the same prototypes unless a class has fewer than k
+  positive scores in the batch (then a zero prototype instead of the mean of k tied pixels); the
+  release's per-pixel random negatives (``random.sample(range(21), 10)``) are computed but never
+  used - not reproduced; pixels are drawn with torch's RNG instead of Python's ``random``; the
+  release hard-codes 21 classes (``topk(.., 13)``), here the window shrinks to the prototypes there
+  are; both views are resized to ``contrast_size`` (the release resizes view 1 only, view 2 being
+  16 x 16 already); the released ``contrast_infer.py`` of this branch cannot run the contrast network
+  (no ``contrast`` network type in ``parse_args``/``infer_cam_mp``, no ``forward_cam``): segexp runs
+  its ``eps`` path, as FBR's fixed copy does.
+
+Data pipeline (read, not changed; shared with ``fbr_voc``): released crop 448 after
+``RandomResizeLong(448, 768)`` (any length; segexp's ``seam_voc`` draws from 448..768 in steps of 64),
+flip, ColorJitter(0.3, 0.3, 0.3, 0.1), zero padding; the saliency map follows the image with
+*bicubic* resizing and is averaged over RGB / 255 (segexp carries it as a mask: nearest); batch 8,
+10,000 x ``iter_size`` 2 = 20,000 steps, poly horizon 10582 // 8 x 15, lr 0.01, wd 5e-4;
+inference rescales with PIL bicubic (segexp: torch bicubic).
+
+Other choices: the absent classes' and the background's prototypes stay in the softmax of the cross-
+view terms, as released.
 """
 
 from __future__ import annotations
@@ -46,14 +90,23 @@ import torch
 import torch.nn.functional as F
 
 from segexp.losses.fbr import ecr_loss_bg_last_slip
-from segexp.losses.ppc import ContrastGrid, contrast_grid, eps_saliency_loss, ppc_contrast_losses, tap_logits
+from segexp.losses.ppc import (
+    ContrastGrid,
+    contrast_grid,
+    eps_saliency_loss,
+    flat_features,
+    ppc_contrast_losses,
+    ppc_intra_view_loss,
+    tap_logits,
+)
 from segexp.methods.seam import SEAM
 
-__all__ = ["PPC", "ReleasedECRSlip", "ContrastGrids", "check_weights", "SEAM_TERMS", "PPC_TERMS"]
+__all__ = ["PPC", "PPCasFBR", "ReleasedECRSlip", "ContrastGrids", "check_weights", "SEAM_TERMS", "PPC_TERMS"]
 
 SEAM_TERMS = ("cls", "er", "ecr", "amp")
-PPC_TERMS = ("sal", "ppc_cross", "ppc_intra")
-PPC_WEIGHTS = {"sal": 1.0, "ppc_cross": 0.1, "ppc_intra": 0.1}
+PPC_TERMS = ("sal", "ppc_cross", "ppc_cross_cam", "ppc_intra")
+PPC_WEIGHTS = {"sal": 1.0, "ppc_cross": 0.1, "ppc_cross_cam": 0.1, "ppc_intra": 0.1}
+INTRA_DEFAULTS = {"skip": 3, "negatives": 10, "pixel_fraction": 0.5, "pixel_pool": 0.6}
 
 
 def check_weights(weights: dict[str, float], known: tuple[str, ...]) -> None:
@@ -105,15 +158,19 @@ class ContrastGrids:
 
 
 class PPC(ContrastGrids, ReleasedECRSlip, SEAM):
+    """PPC as its authors released it (``usr922/wseg``, branch ``esp``); see the module docstring."""
+
     TERMS = SEAM_TERMS + PPC_TERMS
 
     def __init__(
         self,
         *args: Any,
         view_size: int = 128,
-        tap_threshold: float | None = 0.10,
+        tap_threshold: float | None = None,
         saliency: dict[str, float] | None = None,
         temperature: float = 0.1,
+        mask_background: bool = False,
+        intra: dict[str, float] | None = None,
         inference_softmax: bool = True,
         **kwargs: Any,
     ):
@@ -135,6 +192,12 @@ class PPC(ContrastGrids, ReleasedECRSlip, SEAM):
         sal = {"tau": 0.4, "alpha": 0.5, **dict(saliency or {})}
         self.sal_tau, self.sal_alpha = float(sal["tau"]), float(sal["alpha"])
         self.temperature = float(temperature)
+        self.mask_background = bool(mask_background)
+        intra = {**INTRA_DEFAULTS, **dict(intra or {})}
+        unknown = sorted(set(intra) - set(INTRA_DEFAULTS))
+        if unknown:
+            raise ValueError(f"method.intra: unknown key(s) {unknown}; known: {list(INTRA_DEFAULTS)}")
+        self.intra = intra
         self.inference_softmax = bool(inference_softmax)
 
     # -- views and losses -----------------------------------------------------------------------
@@ -148,7 +211,8 @@ class PPC(ContrastGrids, ReleasedECRSlip, SEAM):
         return self.base_losses(views, batch, self.contrast_grids(views, batch["labels"]))
 
     def cls_logits(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Foreground logits by Thresholded Average Pooling (released); GAP if ``tap_threshold`` is null."""
+        """Foreground logits by GAP (PPC's release); Thresholded Average Pooling when
+        ``tap_threshold`` is set (FBR's network)."""
         if self.tap_threshold is None:
             return super().cls_logits(out)
         weight = self.model.head.classifier.weight
@@ -172,11 +236,28 @@ class PPC(ContrastGrids, ReleasedECRSlip, SEAM):
                 0.5 * (eps(out1["cam"], sal1) + eps(out2["cam"], sal2))
                 + 0.5 * (eps(out1["cam_rv"], sal1) + eps(out2["cam_rv"], sal2))
             )
-        if w["ppc_cross"] > 0 or w["ppc_intra"] > 0:
-            cross, intra = ppc_contrast_losses(grids[0], grids[1], self.temperature)
+        if w["ppc_cross"] > 0 or w["ppc_cross_cam"] > 0:
+            cross, cross_cam = ppc_contrast_losses(grids[0], grids[1], self.temperature, self.mask_background)
             losses["ppc_cross"] = w["ppc_cross"] * cross
-            losses["ppc_intra"] = w["ppc_intra"] * intra
+            losses["ppc_cross_cam"] = w["ppc_cross_cam"] * cross_cam
+        if w["ppc_intra"] > 0:
+            losses["ppc_intra"] = w["ppc_intra"] * 0.5 * sum(self.intra_view(g) for g in grids)
         return losses
+
+    def intra_view(self, grid: ContrastGrid) -> torch.Tensor:
+        """The intra-view term of one view (its pixels, prototypes and pseudo labels)."""
+        c = self.intra
+        return ppc_intra_view_loss(
+            flat_features(grid.f_proj),
+            grid.prototypes,
+            grid.pseudo.reshape(-1),
+            self.temperature,
+            int(c["skip"]),
+            int(c["negatives"]),
+            float(c["pixel_fraction"]),
+            float(c["pixel_pool"]),
+            self.official_quirks,
+        )
 
     # -- inference ------------------------------------------------------------------------------
     def fg_cams(self, images: torch.Tensor) -> torch.Tensor:
@@ -184,3 +265,19 @@ class PPC(ContrastGrids, ReleasedECRSlip, SEAM):
         if not self.inference_softmax:
             return super().fg_cams(images)
         return F.softmax(self(images)[self.inference_map], 1)[:, 1:]
+
+
+class PPCasFBR(PPC):
+    """The PPC base as FBR's release runs it (``XuYin94/FBR@fd1aeb85``, ``method=ppc_fbr``; under
+    ``method=fbr_ppc``): Thresholded Average Pooling (0.10) for ``cls``, background pixels masked
+    out of both cross-view terms, and no PPC intra-view term (FBR puts its own ``fg`` term there).
+    Everything else - views, EPS, ER/ECR, pseudo labels, prototypes, inference - is PPC's."""
+
+    def __init__(
+        self, *args: Any, tap_threshold: float | None = 0.10, mask_background: bool = True, **kwargs: Any
+    ):
+        kwargs.setdefault("name", "ppc_fbr")
+        weights = {"ppc_intra": 0.0, **dict(kwargs.pop("weights", None) or {})}
+        super().__init__(
+            *args, tap_threshold=tap_threshold, mask_background=mask_background, weights=weights, **kwargs
+        )
