@@ -9,7 +9,7 @@ A stage is any object built from ``conf/stage/<name>.yaml`` with
 * ``cache_for(reader)`` / ``get(reader, index)``: what :class:`segexp.data.pseudo_labels.PseudoLabels`
   reads at training time.
 
-Stages: ``grabcut`` and ``box_rect`` (:class:`segexp.postprocess.grabcut.GrabCutStage`), ``cam``
+Stages: ``grabcut`` and ``box_rect`` (:class:`segexp.stages.grabcut.GrabCutStage`), ``cam``
 (CAM export of the network ``ckpt_path=...`` with the experiment's method), ``crf`` (dense CRF of
 those CAMs) and ``rw`` (AffinityNet random walk), one ``conf/stage/<name>.yaml`` each:
 ``python -m segexp.pseudo stage=cam +experiment=seam_shapes ckpt_path=<run>/checkpoints/last.ckpt``.
@@ -26,7 +26,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-import segexp.utils.resolvers  # noqa: F401  (registers ${segexp.*} resolvers)
+import segexp.resolvers  # noqa: F401  (registers ${segexp.*} resolvers)
 from segexp.utils.cli import check_config_choices, normalize_overrides
 from segexp.utils.errors import user_errors
 

@@ -18,9 +18,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from segexp.reporting.dump import PredictionDump, SaliencyDump
 from segexp.utils.atomic import write_json, write_text
 from segexp.utils.config import instantiate_named
-from segexp.utils.dump import PredictionDump, SaliencyDump
 from segexp.utils.errors import UserError
 
 log = logging.getLogger(__name__)

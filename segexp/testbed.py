@@ -54,8 +54,8 @@ def _checkpoint(run_dir: Path, which: str) -> Path:
 
 def _load_run(run_dir: Path, which: str):
     """The run's method (from its saved config.yaml) with the chosen checkpoint's weights, and its root."""
-    import segexp.utils.resolvers  # noqa: F401 - the config's resolvers
-    from segexp.methods.loading import load_method
+    import segexp.resolvers  # noqa: F401 - the config's resolvers
+    from segexp.utils.checkpoints import load_method
 
     config = run_dir / "config.yaml"
     if not config.is_file():
@@ -104,7 +104,7 @@ class _Root:
 @torch.no_grad()
 def _cams_and_probabilities(method, image: np.ndarray, present: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Label-masked normalised single-scale CAMs (K, H, W) and class probabilities (K,)."""
-    from segexp.postprocess.cam_export import image_tensor
+    from segexp.data.transforms import image_tensor
 
     x = image_tensor(image)
     labels = torch.zeros(1, len(CLASS_NAMES) - 1)
@@ -151,8 +151,8 @@ def _parts_report(method, root: _Root, limit: int | None) -> dict[str, Any]:
 @torch.no_grad()
 def _subtype_purity(method, root: _Root, limit: int | None) -> dict[str, float]:
     """Per-class k-means of the train images' features vs the body sub-type of the class's largest object."""
-    from segexp.postprocess.cam_export import image_tensor
-    from segexp.postprocess.subcategory import cluster_per_class
+    from segexp.data.transforms import image_tensor
+    from segexp.stages.subcategory import cluster_per_class
 
     features, labels, subtypes = [], [], []
     for item in root.images("train", limit):

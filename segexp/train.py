@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import segexp.utils.resolvers  # noqa: F401  (registers ${segexp.*} resolvers)
+import segexp.resolvers  # noqa: F401  (registers ${segexp.*} resolvers)
 from segexp.utils.cli import check_config_choices, normalize_overrides
 from segexp.utils.errors import user_errors
 

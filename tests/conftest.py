@@ -41,7 +41,7 @@ def compose(overrides: list[str], config_name: str = "train", out_dir: Path | No
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import segexp.utils.resolvers  # noqa: F401
+    import segexp.resolvers  # noqa: F401
     from segexp.utils.cli import normalize_overrides
 
     overrides = normalize_overrides(list(overrides))

@@ -122,7 +122,7 @@ def data_config(name: str, data_dir: Path, overrides: dict | None = None):
     """
     from omegaconf import OmegaConf
 
-    import segexp.utils.resolvers  # noqa: F401 - the root name's resolver
+    import segexp.resolvers  # noqa: F401 - the root name's resolver
 
     data = OmegaConf.load(CONF_DATA / f"{name}.yaml")
     if any("synth@prepare" in entry for entry in data.pop("defaults", []) if not isinstance(entry, str)):

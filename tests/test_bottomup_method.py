@@ -15,7 +15,7 @@ from segexp.data.io import read_image, rgb_to_id
 from segexp.losses.bottomup import BottomUpLoss
 from segexp.methods.bottomup import BottomUpSegmentation, LineSimilarity, segment_scores
 from segexp.metrics.entity import EntitySimilarity
-from segexp.postprocess.entity_dump import EntityDump
+from segexp.reporting.entity_dump import EntityDump
 from tests.conftest import compose
 
 SCHEDULE = {

@@ -10,7 +10,8 @@ from multiprocessing import get_context
 import numpy as np
 import pytest
 
-from segexp.data.cache import StageCache, content_key, file_key, shard, stable_hash
+from segexp.stages.cache import StageCache, shard
+from segexp.utils.hashing import content_key, file_key, stable_hash
 
 SETTINGS = {"iterations": 5, "margin": 0.1, "classes": ["cat", "dog"]}
 

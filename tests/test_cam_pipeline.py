@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from segexp.postprocess.affinity import dense_affinity, pair_offsets
-from segexp.postprocess.crf import cam_crf_scores, crf_inference
-from segexp.postprocess.random_walk import random_walk
+from segexp.inference.crf import cam_crf_scores, crf_inference
+from segexp.inference.random_walk import random_walk
+from segexp.losses.affinity import dense_affinity, pair_offsets
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -120,7 +120,7 @@ def test_pseudo_entry_point_reads_the_pipeline_stage_files(tmp_path):
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         cfg = compose(config_name="pseudo", overrides=argv)
     (report,) = run_pseudo(cfg)
-    assert report["stage"] == "crf" and "cam_export" not in report  # CAMs came from the pipeline's cache
+    assert report["stage"] == "crf" and "upstream" not in report  # CAMs came from the pipeline's cache
     assert report["computed"] == first["cam"]["images"]
     assert 0.0 < report["pseudo"]["mIoU"] <= 1.0
 
@@ -151,7 +151,7 @@ def test_pipeline_retrains_a_supervised_network_on_the_last_stage(tmp_path):
 
 
 def test_run_keys_ignore_runtime_settings_and_follow_the_rest():
-    from segexp.pipeline import cam_network_key, run_key
+    from segexp.pipeline.runs import cam_network_key, run_key
     from tests.conftest import compose
 
     def key(*extra: str) -> str:
@@ -170,7 +170,7 @@ def test_run_keys_ignore_runtime_settings_and_follow_the_rest():
 def test_run_key_follows_the_weights_file_behind_backbone_pretrained(tmp_path):
     import os
 
-    from segexp.pipeline import cam_network_key, run_key
+    from segexp.pipeline.runs import cam_network_key, run_key
     from tests.conftest import compose
 
     weights = tmp_path / "backbone.pth"
@@ -190,8 +190,8 @@ def test_run_key_follows_the_weights_file_behind_backbone_pretrained(tmp_path):
 def test_sparse_walk_equals_the_released_dense_squarings(logt):
     """psa/SEAM: T^(2^logt) by logt dense squarings, then v T. Here: 2^logt sparse products of v.
     Same numbers to float rounding, same labels, on a radius-5 affinity of a 20 x 24 grid."""
+    from segexp.inference.random_walk import sparse_affinity
     from segexp.models.affinitynet import pair_affinity, pair_indices
-    from segexp.postprocess.random_walk import sparse_affinity
 
     torch.manual_seed(0)
     h, w = 20, 24
@@ -209,3 +209,33 @@ def test_sparse_walk_equals_the_released_dense_squarings(logt):
     assert torch.equal(walked.argmax(0), reference.argmax(0))
     from_dense = random_walk(scores, sparse.to_dense(), beta=8, logt=logt)
     assert torch.allclose(from_dense, walked)  # a dense affinity gives the same
+
+
+def test_former_pipeline_flags_become_overrides():
+    from segexp.pipeline.__main__ import translate_flags
+
+    argv = ["+experiment=cam_shapes", "--dir", "/x/p", "--stop-after=cam", "seed=1"]
+    want = ["+experiment=cam_shapes", "hydra.run.dir=/x/p", "stop_after=cam", "seed=1"]
+    assert translate_flags(argv) == want
+
+
+@pytest.mark.slow
+def test_pipeline_sweeps_like_train_one_directory_per_job(tmp_path):
+    """`python -m segexp.pipeline -m`: a Hydra multirun, each job a pipeline directory that
+    `segexp.report` reads; a wrong step name is one line."""
+    import json
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "segexp.pipeline", "-m", "+experiment=cam_shapes", *TINY,
+            f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}", "stop_after=train",
+            "seed=0,1"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (sweep,) = (tmp_path / "logs" / "pipeline" / "multiruns").iterdir()
+    reports = [json.loads((sweep / str(n) / "pipeline_report.json").read_text()) for n in (0, 1)]
+    assert [r["overrides"][-1] for r in reports] == ["seed=0", "seed=1"]
+    assert all("val/cam_best_mIoU" in r["train"] and "cam" not in r for r in reports)
+    bad_args = [*args[:3], "+experiment=cam_shapes", "stop_after=nope", f"paths.log_dir={tmp_path}"]
+    bad = subprocess.run(bad_args, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "stop_after='nope'" in bad.stderr and "Traceback" not in bad.stderr

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from segexp.postprocess.grabcut import GrabCutStage, fill_boxes, grabcut_box, grabcut_image, paint_order
+from segexp.stages.grabcut import GrabCutStage, fill_boxes, grabcut_box, grabcut_image, paint_order
 from tests.conftest import SMALL_SYNTH, compose
 
 

@@ -13,6 +13,7 @@ from segexp.losses.ldf import LDFLoss, iou_loss
 from segexp.methods.ldf import edge_band, triangular_factor
 from segexp.models.backbone import Backbone
 from segexp.models.ldf import LDFNet
+from segexp.stages.ldf_maps import LDFLabels
 
 
 def _worked_mask() -> np.ndarray:
@@ -70,7 +71,7 @@ def test_wrapper_maps_survive_augmentation_and_the_stage_cache(tmp_path, monkeyp
             return {"image": np.zeros((16, 16, 3), np.uint8), "saliency": _worked_mask() / 255.0,
                     "meta": {"id": "a"}}
 
-    first = dec.LDFLabels(Reader(), source="code", cache_dir=tmp_path)[0]
+    first = LDFLabels(Reader(), source="code", cache_dir=tmp_path)[0]
     np.testing.assert_allclose(first["body"] * 255, body, atol=1e-4)
     np.testing.assert_allclose(first["detail"] * 255, detail, atol=1e-4)
     # the declared float maps move with the image: a horizontal flip flips them, 0 where padded
@@ -79,19 +80,19 @@ def test_wrapper_maps_survive_augmentation_and_the_stage_cache(tmp_path, monkeyp
     from segexp.data.transforms import SampleTransform
 
     ops = [A.HorizontalFlip(p=1.0), A.PadIfNeeded(20, 20, border_mode=0, position="top_left")]
-    out = SampleTransform(ops, extra_maps=dec.LDFLabels.map_kinds)(first)
+    out = SampleTransform(ops, extra_maps=LDFLabels.map_kinds)(first)
     np.testing.assert_allclose(out["body"][:16, :16].numpy() * 255, body[:, ::-1], atol=1e-4)
     np.testing.assert_allclose(out["detail"][:16, :16].numpy() * 255, detail[:, ::-1], atol=1e-4)
     assert out["body"].dtype == torch.float32 and out["body"][16:].abs().sum() == 0
     monkeypatch.setattr(dec, "decouple", lambda *a, **k: pytest.fail("cache miss"))
-    again = dec.LDFLabels(Reader(), source="code", cache_dir=tmp_path)[0]  # served from the cache
+    again = LDFLabels(Reader(), source="code", cache_dir=tmp_path)[0]  # served from the cache
     for key in dec.MAP_KEYS:
         np.testing.assert_array_equal(again[key], first[key])
     # another decoupling is another cache directory
-    assert dec.LDFLabels(Reader(), source="paper", cache_dir=tmp_path).cache.dir != \
-        dec.LDFLabels(Reader(), source="code", cache_dir=tmp_path).cache.dir
+    assert LDFLabels(Reader(), source="paper", cache_dir=tmp_path).cache.dir != \
+        LDFLabels(Reader(), source="code", cache_dir=tmp_path).cache.dir
     with pytest.raises(ValueError, match="coarse_ckpt"):
-        dec.LDFLabels(Reader(), source="coarse", cache_dir=tmp_path)
+        LDFLabels(Reader(), source="coarse", cache_dir=tmp_path)
 
 
 def test_forward_shapes():

@@ -1,4 +1,4 @@
-"""Spherical mean-shift and the multi-resolution merge (segexp.postprocess.meanshift)."""
+"""Spherical mean-shift and the multi-resolution merge (segexp.inference.meanshift)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segexp.postprocess.meanshift import multires_merge, segment_features, spherical_meanshift
+from segexp.inference.meanshift import multires_merge, segment_features, spherical_meanshift
 
 
 def planted(k: int, sizes: list[int], d: int = 32, noise: float = 0.08, seed: int = 0):

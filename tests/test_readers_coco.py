@@ -171,7 +171,7 @@ def test_coco_config_with_a_category_map(tmp_path):
 
 def test_ids_and_image_paths_follow_the_stage_protocol(coco):
     """Stages (CAM export, CRF, ...) key caches by ``reader.ids`` and hash ``image_path(id)``."""
-    from segexp.postprocess.stage import image_inputs_key
+    from segexp.stages.base import image_inputs_key
 
     root, _ = coco
     reader = COCOInstances(root, "val2017")

@@ -123,7 +123,7 @@ def test_sod_checkpoint_stage_fills_the_cache_and_the_wrapper_reads_it(voc_root,
     from omegaconf import OmegaConf
 
     from segexp.data.saliency import SaliencyFromStage
-    from segexp.postprocess.saliency_stage import SODSaliencyStage
+    from segexp.stages.saliency import SODSaliencyStage
     from tests.conftest import compose
 
     cfg = compose(["method=cas", "data=shapes_sod", "backbone=resnet18", "backbone.pretrained=false"])
@@ -142,10 +142,12 @@ def test_sod_checkpoint_stage_fills_the_cache_and_the_wrapper_reads_it(voc_root,
     assert 0.0 <= sample["saliency"].min() and sample["saliency"].max() <= 1.0
     method.eval()
     with torch.no_grad():
-        from segexp.postprocess.cam_export import image_tensor
+        from segexp.data.transforms import image_tensor
 
         direct = method.saliency(image_tensor(sample["image"]))[0, 0].numpy()
     np.testing.assert_allclose(sample["saliency"], direct, atol=1 / 255 + 1e-6)  # uint8 storage
-    with pytest.raises(FileNotFoundError, match="no run config"):
+    from segexp.utils.errors import UserError
+
+    with pytest.raises(UserError, match="records no method config"):  # no record and no run config beside it
         shutil.copy(run / "checkpoints" / "last.ckpt", tmp_path / "lonely.ckpt")
         SODSaliencyStage(tmp_path / "lonely.ckpt", cache_dir=tmp_path / "cache")

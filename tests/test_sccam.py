@@ -14,7 +14,7 @@ from torch import nn
 from segexp.losses.sccam import sccam_losses
 from segexp.methods.sccam import SCCAMMethod, batch_sub_labels
 from segexp.models.sccam_head import SubCategoryCAMNet
-from segexp.postprocess.subcategory import (
+from segexp.stages.subcategory import (
     FeatureStage,
     SubCategoryLabels,
     SubCategoryStage,
@@ -72,7 +72,7 @@ def test_sklearn_and_torch_backends_find_the_same_planted_clusters():
     from sklearn.metrics import adjusted_rand_score
 
     from segexp.bench.sccam import planted_mixture
-    from segexp.postprocess.subcategory import kmeans_labels
+    from segexp.stages.subcategory import kmeans_labels
 
     x = planted_mixture(300, 16, 5, seed=3)
     sk, sk_inertia = kmeans_labels(x, 5, "sklearn", n_init=3, random_state=0)
@@ -443,7 +443,7 @@ def test_a_resumed_pipeline_skips_finished_rounds_and_continues_the_interrupted_
 
 
 def test_round0_keeps_the_overrides_its_method_has_and_drops_sc_cam_only_ones():
-    from segexp.sccam_rounds import round0_argv
+    from segexp.pipeline.sccam import round0_argv
 
     user = ["+experiment=sccam_shapes", "method.num_subcategories=3", "method.bg_threshold=0.1", "seed=3"]
     argv = round0_argv(user, ["method=cam"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segexp.postprocess.tta import predict_tta, sliding_window
+from segexp.inference.tta import predict_tta, sliding_window
 
 
 def _pointwise_model() -> nn.Module:

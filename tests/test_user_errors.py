@@ -167,7 +167,7 @@ def test_debug_preset_keeps_the_trainers_processes():
 # -- smaller first-hour fixes -------------------------------------------------------------------
 def test_panel_figure_has_column_titles_rows_and_a_legend_of_the_classes_shown():
     from segexp.data.io import voc_palette
-    from segexp.utils.panels import MIN_TILE, make_figure
+    from segexp.reporting.panels import MIN_TILE, make_figure
 
     image = np.full((32, 32, 3), 128, np.uint8)
     gt, pred = np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.uint8)
@@ -182,7 +182,7 @@ def test_panel_figure_has_column_titles_rows_and_a_legend_of_the_classes_shown()
 
 
 def test_cam_column_is_a_heat_map_titled_beside_the_prediction():
-    from segexp.utils.panels import make_figure
+    from segexp.reporting.panels import make_figure
 
     image = np.zeros((16, 16, 3), np.uint8)
     label = np.zeros((16, 16), np.uint8)
@@ -224,7 +224,7 @@ def test_sod_eval_help_shows_the_folder_layout(capsys):
 def test_saliency_dump_writes_original_size_maps_where_sod_eval_reads_them(tmp_path):
     from segexp import sod_eval
     from segexp.data.io import write_gray_png
-    from segexp.utils.dump import SaliencyDump
+    from segexp.reporting.dump import SaliencyDump
 
     gt = np.zeros((30, 40), np.uint8)
     gt[5:20, 10:30] = 255
@@ -261,7 +261,7 @@ def test_sod_route_train_eval_dump_then_sod_eval(data_dir, tmp_path):
     ckpt = run / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert saved["segexp"]["method"] == "cas" and saved["segexp"]["experiment"] == "cas_shapes_sod"
-    from segexp.methods.loading import load_method
+    from segexp.utils.checkpoints import load_method
 
     method = load_method(ckpt)  # no experiment config: the checkpoint's own record
     assert type(method).__name__ == "CASSaliency" and not method.training
@@ -293,8 +293,8 @@ def test_load_method_rebuilds_from_the_checkpoint_record_alone(tmp_path):
     import hydra
     from omegaconf import OmegaConf
 
-    from segexp.methods.loading import load_method
     from segexp.runner import provenance
+    from segexp.utils.checkpoints import load_method
 
     cfg = compose(["+experiment=cas_shapes_sod"], out_dir=tmp_path)
     method = hydra.utils.instantiate(cfg.method)
@@ -309,7 +309,7 @@ def test_load_method_rebuilds_from_the_checkpoint_record_alone(tmp_path):
 
 
 def test_load_method_needs_a_recorded_config_and_never_refetches_weights(tmp_path):
-    from segexp.methods.loading import load_method, without_pretrained
+    from segexp.utils.checkpoints import load_method, without_pretrained
 
     cfg = {"a": {"backbone": {"pretrained": "/w.pth", "name": "x"}}, "b": [{"pretrained": 1}], "pretrain": 1}
     assert without_pretrained(cfg) == {"a": {"backbone": {"pretrained": False, "name": "x"}},
@@ -328,7 +328,7 @@ def test_user_error_raised_inside_hydra_instantiate_still_prints_one_line(capsys
 
     with pytest.raises(SystemExit) as stop, user_errors():
         try:
-            target = "segexp.methods.loading.recorded_config"
+            target = "segexp.utils.checkpoints.recorded_config"
             hydra.utils.instantiate({"_target_": target, "checkpoint": {}, "path": "x"})
         except InstantiationException as wrapped:  # what Hydra raises around the constructor's error
             assert not isinstance(wrapped, UserError)

@@ -18,7 +18,7 @@ THRESHOLDS = [round(0.01 * i, 2) for i in range(100)]
 
 def cached_stage(settings: list[dict], ckpt: str, cache_root: Path, reader):
     """The CAMStage of ``ckpt`` whose cache holds every image of ``reader``, else None."""
-    from segexp.postprocess.cam_export import CAMStage
+    from segexp.stages.cam import CAMStage
 
     if not Path(ckpt).is_file():
         return None
@@ -31,7 +31,7 @@ def cached_stage(settings: list[dict], ckpt: str, cache_root: Path, reader):
 
 
 def main() -> None:
-    from segexp.pipeline import compose, train_reader
+    from segexp.pipeline.compose import compose, train_reader
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("reports", nargs="+", help="rounds_report.json files")

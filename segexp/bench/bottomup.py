@@ -1,6 +1,6 @@
 """Benchmark: bottom-up entity segmentation costs on this machine.
 
-* Mean-shift: our batched spherical mean-shift (segexp.postprocess.meanshift) vs scikit-learn's
+* Mean-shift: our batched spherical mean-shift (segexp.inference.meanshift) vs scikit-learn's
   ``MeanShift`` on the same features of a 128x128 map (``--quick``: 64x64): planted entities
   (Voronoi cells, each a random orthogonal line in D = 128, Gaussian noise). Ours gets the
   features with random antipodal flips (it is sign-invariant); sklearn, whose Euclidean kernel is
@@ -53,7 +53,7 @@ def bench_meanshift(size: int, sklearn_repeats: int = 1) -> dict:
     from sklearn.cluster import MeanShift
     from sklearn.metrics import adjusted_rand_score
 
-    from segexp.postprocess.meanshift import spherical_meanshift
+    from segexp.inference.meanshift import spherical_meanshift
 
     flipped, truth, canonical = planted_map(size)
     spherical_meanshift(flipped[:1000], generator=torch.Generator().manual_seed(0))  # warm-up

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 def bench_grabcut(num_images: int, size: int, processes: tuple[int, ...] = (1, 2)) -> dict:
     from segexp.data.readers.voc import VOCSegmentation
     from segexp.data.synth import CLASS_NAMES, ensure_synthetic
-    from segexp.postprocess.grabcut import GrabCutStage
+    from segexp.stages.grabcut import GrabCutStage
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,11 +1,11 @@
 """SC-CAM sub-category discovery cost: ``python -m segexp.bench.sccam [--quick] [--json out.json]``.
 
-* feature extraction (:class:`~segexp.postprocess.subcategory.FeatureStage`): images/s of the
+* feature extraction (:class:`~segexp.stages.subcategory.FeatureStage`): images/s of the
   GAP feature of a CAM network's backbone, one image at a time at its own size (as the stage runs);
   random init (the cost does not depend on the weights);
 * clustering: seconds for ``n`` x ``dim`` features (default 10,000 x 2,048) into K = 10 clusters,
   ``n_init`` = 10, ``max_iter`` = 300, seed 0, with each backend of the stage
-  (:func:`~segexp.postprocess.subcategory.kmeans_labels`: ``sklearn`` = ``KMeans(algorithm="lloyd")``,
+  (:func:`~segexp.stages.subcategory.kmeans_labels`: ``sklearn`` = ``KMeans(algorithm="lloyd")``,
   ``torch`` = :func:`segexp.utils.kmeans.kmeans` on ``--device``) on a planted Gaussian mixture;
   parity = inertia ratio and adjusted Rand index between the two partitions (determinism for a seed
   is a test: ``tests/test_kmeans.py``, ``tests/test_sccam.py``).
@@ -38,7 +38,7 @@ def _method_cfg(backbone: str) -> dict:
 
 
 def bench_features(backbone: str, size: int, n: int, device: str) -> dict:
-    from segexp.postprocess.subcategory import FeatureStage
+    from segexp.stages.subcategory import FeatureStage
 
     stage = FeatureStage(_method_cfg(backbone), ckpt_path=None, device=device, progress=False)
     rng = np.random.default_rng(0)
@@ -73,7 +73,7 @@ def planted_mixture(n: int, dim: int, k: int, seed: int = 0) -> np.ndarray:
 def _timed_kmeans(
     x: np.ndarray, k: int, backend: str, n_init: int, device: str
 ) -> tuple[float, np.ndarray, float]:
-    from segexp.postprocess.subcategory import kmeans_labels
+    from segexp.stages.subcategory import kmeans_labels
 
     if device == "cuda":
         torch.cuda.synchronize()

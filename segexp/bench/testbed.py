@@ -52,7 +52,7 @@ def step_rate(experiment: str, data_dir: Path, steps: int) -> dict:
     import hydra
     from omegaconf import OmegaConf
 
-    from segexp.pipeline import compose
+    from segexp.pipeline.compose import compose
 
     cfg = compose([f"+experiment={experiment}", f"paths.data_dir={data_dir}", "data.num_workers=0"])
     train_images = round(cfg.data.prepare.num_images * cfg.data.prepare.split_fractions[0])

@@ -21,7 +21,7 @@ from segexp.utils.device import resolve_device
 
 
 def _crf_job(args):
-    from segexp.postprocess.crf import cam_crf_scores, crf_inference
+    from segexp.inference.crf import cam_crf_scores, crf_inference
 
     image, cams = args
     return crf_inference(image, cam_crf_scores(cams, "power", 4.0)).argmax(0)
@@ -66,12 +66,12 @@ def bench_crf(size: int, n: int) -> dict:
 
 
 def bench_rw(size: int, n: int) -> dict:
-    """The rw stage's per-image work (:func:`segexp.postprocess.rw_stage.random_walk_label`): AffinityNet
+    """The rw stage's per-image work (:func:`segexp.stages.random_walk.random_walk_label`): AffinityNet
     (ResNet-18 at stride 8, random init) -> pair affinities -> dense matrix -> walk -> label, 20 classes."""
     from segexp.methods.affinitynet import AffinityNetMethod
     from segexp.models.affinitynet import AffinityNet
     from segexp.models.backbone import Backbone
-    from segexp.postprocess.rw_stage import random_walk_label
+    from segexp.stages.random_walk import random_walk_label
 
     torch.manual_seed(0)
     device = resolve_device()
@@ -112,8 +112,8 @@ def _dense_walk(scores: torch.Tensor, affinity: torch.Tensor, beta: float, logt:
 def bench_rw_methods(height: int = 375, width: int = 500, stride: int = 8, radius: int = 5) -> dict:
     """Sparse walk vs the released dense squarings on one VOC-sized image's grid (21 score rows),
     at SEAM's (logt 6) and psa's (logt 8) settings: seconds, speed-up, same labels, matrix memory."""
+    from segexp.inference.random_walk import random_walk, sparse_affinity
     from segexp.models.affinitynet import pair_affinity, pair_indices
-    from segexp.postprocess.random_walk import random_walk, sparse_affinity
 
     torch.manual_seed(0)
     h, w = -(-height // stride), -(-width // stride)

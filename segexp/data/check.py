@@ -302,7 +302,7 @@ def _main(cfg: Any) -> None:
 def main() -> None:
     import hydra
 
-    import segexp.utils.resolvers  # noqa: F401  (registers ${segexp.*} resolvers configs may use)
+    import segexp.resolvers  # noqa: F401  (registers ${segexp.*} resolvers configs may use)
 
     hydra.main(version_base="1.3", config_path="../../conf", config_name="check")(_main)()
 

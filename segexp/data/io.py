@@ -30,6 +30,8 @@ class DatasetError(ValueError):
     A DataLoader worker's error is rebuilt in the main process from its message alone (one
     argument: the worker's traceback text); the last line of that text is the original message."""
 
+    user_facing = True  # segexp.utils.errors.user_errors prints it in one line
+
     def __init__(self, path: str | os.PathLike, problem: str | None = None):
         if problem is None:  # rebuilt from a worker's message
             last = str(path).strip().splitlines()[-1] if str(path).strip() else ""

@@ -10,7 +10,7 @@ sample contract, so augmentation carries it like the mask and pads it with 0):
   first writes the missing maps from the ground-truth masks (object = not background): an *oracle*
   saliency, only for the synthetic shapes experiments.
 * :class:`SaliencyFromStage` - the maps of a cached stage, e.g. a trained segexp SOD model run over
-  the training images (:class:`~segexp.postprocess.saliency_stage.SODSaliencyStage`, ``conf/stage/
+  the training images (:class:`~segexp.stages.saliency.SODSaliencyStage`, ``conf/stage/
   saliency_sod.yaml``); missing maps are computed on first use, as :class:`PseudoLabels` does.
 """
 

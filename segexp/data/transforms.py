@@ -126,3 +126,13 @@ def denormalize(image: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np
     s = torch.tensor(std, device=image.device).view(3, 1, 1)
     rgb = (image.float() * s + m).clamp(0, 1) * 255
     return rgb.byte().permute(1, 2, 0).cpu().numpy()
+
+
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 -> normalised float (1, 3, H, W) (ImageNet mean/std, as the DataModule does):
+    one image fed to a network outside a DataLoader (stages, diagnostics)."""
+    # a copy: readers may hand out read-only arrays (decoded from a cache), which torch warns about
+    x = torch.tensor(np.asarray(image)).permute(2, 0, 1).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    return ((x - mean) / std)[None]

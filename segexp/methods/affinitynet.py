@@ -2,7 +2,7 @@
 (Ahn & Kwak, CVPR 2018; the random-walk stage of psa and SEAM, ``train_aff.py``).
 
 A training sample carries ``pseudo``: the affinity-label map of
-:class:`segexp.postprocess.affinity_stage.AffinityLabelStage` (class id where the low-alpha CRF is
+:class:`segexp.stages.affinity_labels.AffinityLabelStage` (class id where the low-alpha CRF is
 confident foreground, 0 where the high-alpha CRF says background, 255 = uncertain). One step:
 
 * embedding on the stride-8 grid (:class:`~segexp.models.affinitynet.AffinityNet`);
@@ -11,7 +11,7 @@ confident foreground, 0 where the high-alpha CRF says background, 255 = uncertai
   caches label maps, so the cell-centre label stands in for it (choice; identical on cells inside
   one region, it differs only on cells cut by a boundary);
 * pairs within ``radius`` (5): bg+ (both 0), fg+ (same class != 0), neg (different classes), none of
-  them 255 (:func:`segexp.postprocess.affinity.pair_masks`);
+  them 255 (:func:`segexp.losses.affinity.pair_masks`);
 * loss = ``w_bg * L_bg+ + w_fg * L_fg+ + w_neg * L_neg`` with ``L_+ = mean -log(a + eps)``,
   ``L_neg = mean -log(1 + eps - a)``, each averaged over the batch's pairs of its kind (psa sums over
   the batch and divides by the count), weights 1/4, 1/4, 1/2.
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
 
+from segexp.losses.affinity import PAIR_KINDS, affinity_terms, pair_masks
 from segexp.methods.base import SegMethod
 from segexp.models.affinitynet import effective_radius, pair_affinity, pair_indices
-from segexp.postprocess.affinity import PAIR_KINDS, affinity_terms, pair_masks
 
 __all__ = ["AffinityNetMethod", "labels_on_grid", "PairAccuracy"]
 

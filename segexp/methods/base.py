@@ -20,12 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim.lr_scheduler import LambdaLR
 
 from segexp.data.transforms import denormalize
+from segexp.inference.tta import predict_tta
 from segexp.methods.optim import build_optimizer, lr_factor
 from segexp.metrics.semantic import ConfusionMatrix
 from segexp.models.param_groups import param_groups
-from segexp.postprocess.tta import predict_tta
-from segexp.utils.dump import PredictionDump
-from segexp.utils.panels import log_panels
+from segexp.reporting.dump import PredictionDump
+from segexp.reporting.panels import log_panels
 
 # Epoch metrics here are reduced across ranks before they are logged (confusion matrices and SOD
 # sums are all-reduced in compute()), so Lightning's advice to log them with sync_dist=True would
@@ -69,7 +69,7 @@ class SegMethod(pl.LightningModule):
         self.test_cm = ConfusionMatrix(num_classes=num_classes, ignore_index=ignore_index)
         self._panel_batch: dict[str, Any] | None = None
         self._train_panel_batch: dict[str, Any] | None = None  # first batch with pseudo labels of an epoch
-        # Evaluation-time augmentation (segexp.postprocess.tta): scales, flip, window, stride.
+        # Evaluation-time augmentation (segexp.inference.tta): scales, flip, window, stride.
         self.tta = dict(_plain(tta) or {})
         # Set by segexp.runner.evaluate: write test predictions / per-image scores there.
         self.dump: PredictionDump | None = None

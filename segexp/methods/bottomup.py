@@ -6,7 +6,7 @@ features; :class:`segexp.losses.bottomup.BottomUpLoss` turns them into the weigh
 docstring lists every equation and every choice made where the paper's text is lost).
 
 Inference (``inference`` config): unit features -> spherical mean-shift (45 degree bandwidth,
-:mod:`segexp.postprocess.meanshift`) per image and per scale of ``multires.scales``; the label
+:mod:`segexp.inference.meanshift`) per image and per scale of ``multires.scales``; the label
 maps, upsampled (nearest) to the input size, are merged coarse to fine. Padding of evaluation
 batches (``valid`` false) is cropped before clustering and gets id 0 in the output.
 
@@ -18,7 +18,7 @@ beat), and the paper's representation diagnostics with target lines (``intra_sim
 beside the mean-vector version of :class:`~segexp.metrics.entity.EntitySimilarity`
 (``meanvec_*``). ``val/mIoU`` is the entity mIoU, so checkpoints keep the best of it.
 Test predictions are dumped (``dump.predictions=true``) as COCO-panoptic PNG + JSON
-(:class:`segexp.postprocess.entity_dump.EntityDump`).
+(:class:`segexp.reporting.entity_dump.EntityDump`).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from segexp.data.collate import unpadded_sizes
+from segexp.inference.meanshift import multires_merge, spherical_meanshift
 from segexp.losses.bottomup import BottomUpLoss, entity_groups, group_mean, target_lines
 from segexp.methods.base import SegMethod, _plain
 from segexp.metrics.entity import EntityMetrics, EntitySimilarity
 from segexp.metrics.instance_ap import InstanceAP
-from segexp.postprocess.entity_dump import EntityDump
-from segexp.postprocess.meanshift import multires_merge, spherical_meanshift
+from segexp.reporting.entity_dump import EntityDump
 
 __all__ = ["BottomUpSegmentation", "LineSimilarity"]
 

@@ -4,9 +4,9 @@ Chang et al., "Weakly-Supervised Semantic Segmentation via Sub-category Explorat
 released code ``Juliachang/SC-CAM@191ec486``. The network is :class:`~segexp.models.sccam_head.
 SubCategoryCAMNet` (parent CAM head + bias-free ``C x K`` sub-category head on the pooled feature);
 the loss is Eq. 3 (:func:`~segexp.losses.sccam.sccam_losses`, lambda = ``sub_weight`` = 5). The
-sub-category labels come from the clustering stage (:mod:`segexp.postprocess.subcategory`) through
+sub-category labels come from the clustering stage (:mod:`segexp.stages.subcategory`) through
 the ``SubCategoryLabels`` train wrapper; the rounds (features of round r-1 -> clustering -> a fresh
-network) are :mod:`segexp.sccam_rounds`.
+network) are :mod:`segexp.pipeline.sccam`.
 
 CAMs (``cam_source``):
 

@@ -28,7 +28,7 @@ from torchmetrics import Metric
 from segexp.metrics.fscore import mean_f1
 from segexp.metrics.semantic import scores_from_confusion
 
-__all__ = ["CAMThresholdCurve", "cam_confusion_curve", "max_normalise", "DEFAULT_THRESHOLDS"]
+__all__ = ["CAMThresholdCurve", "cam_confusion_curve", "curve_scores", "max_normalise", "DEFAULT_THRESHOLDS"]
 
 DEFAULT_THRESHOLDS = tuple(round(0.01 * i, 2) for i in range(61))  # 0.00, 0.01, ..., 0.60
 
@@ -68,6 +68,26 @@ def cam_confusion_curve(cams: torch.Tensor, target: torch.Tensor, thresholds: to
     return fg
 
 
+def curve_scores(confmats: torch.Tensor, thresholds: torch.Tensor) -> dict:
+    """Scores of a background-threshold curve from its confusion matrices (T, K+1, K+1): what
+    :meth:`CAMThresholdCurve.compute` returns (the CAM export stage sums per-image curves itself)."""
+    confmats = torch.as_tensor(confmats)
+    thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
+    results = [scores_from_confusion(cm) for cm in confmats]
+    miou = torch.tensor([r["mIoU"] for r in results], dtype=torch.float64)
+    fscore = torch.tensor([mean_f1(cm) for cm in confmats], dtype=torch.float64)
+    best = int(torch.nan_to_num(miou, nan=-1.0).argmax())
+    return {
+        "thresholds": thresholds.clone(),
+        "miou": miou,
+        "fscore": fscore,
+        "best_threshold": float(thresholds[best]),
+        "best_mIoU": float(miou[best]),
+        "best_fscore": float(fscore[best]),
+        "best": results[best],
+    }
+
+
 class CAMThresholdCurve(Metric):
     """mIoU of CAMs versus the background threshold, accumulated in one pass.
 
@@ -101,19 +121,7 @@ class CAMThresholdCurve(Metric):
         self.confmats += cam_confusion_curve(cams.detach(), target, self.thresholds, self.ignore_index)
 
     def compute(self) -> dict:
-        results = [scores_from_confusion(cm) for cm in self.confmats]
-        miou = torch.tensor([r["mIoU"] for r in results], dtype=torch.float64)
-        fscore = torch.tensor([mean_f1(cm) for cm in self.confmats], dtype=torch.float64)
-        best = int(torch.nan_to_num(miou, nan=-1.0).argmax())
-        return {
-            "thresholds": self.thresholds.clone(),
-            "miou": miou,
-            "fscore": fscore,
-            "best_threshold": float(self.thresholds[best]),
-            "best_mIoU": float(miou[best]),
-            "best_fscore": float(fscore[best]),
-            "best": results[best],
-        }
+        return curve_scores(self.confmats, self.thresholds)
 
     def at(self, threshold: float) -> dict:
         """Scores (and ``fscore``) at one of the configured thresholds (e.g. one fixed on a held-out

@@ -10,8 +10,8 @@ levels of any :class:`~segexp.models.backbone.Backbone` (ResNet-38: 2, 3, 4 = co
 a timm ResNet at output stride 8: layer2, layer3, layer4).
 
 Pairs: every pair of grid cells closer than ``radius`` (5) cells, listed once (the forward-half
-offsets of :func:`segexp.postprocess.affinity.pair_offsets`), in the order of
-:func:`segexp.postprocess.affinity.affinity_labels`' pair masks: offset-major, then row-major over
+offsets of :func:`segexp.losses.affinity.pair_offsets`), in the order of
+:func:`segexp.losses.affinity.affinity_labels`' pair masks: offset-major, then row-major over
 the cells whose partner lies inside the grid. psa only uses "from" cells away from the left,
 right and bottom borders (``get_indices_of_pairs``); keeping the border pairs too is this
 implementation's choice (more supervision, same pairs in the interior). As in psa, a grid smaller
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import segexp.models.resnet38d  # noqa: F401  (registers timm "resnet38d")
-from segexp.postprocess.affinity import pair_offsets
+from segexp.losses.affinity import pair_offsets
 
 __all__ = ["AffinityNet", "effective_radius", "pair_indices", "pair_affinity"]
 

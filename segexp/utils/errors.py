@@ -2,7 +2,8 @@
 
 Why: a data or config mistake buried in a 30-80-line traceback (with progress-bar residue after
 it) is read as a crash of the framework. Entry points run their work inside :func:`user_errors`:
-a :class:`UserError` (or a :class:`~segexp.data.io.DatasetError`, which always names its file)
+a :class:`UserError` (or an error class marked ``user_facing = True``, e.g.
+:class:`~segexp.data.io.DatasetError`, which always names its file)
 prints as ``error: <message>`` and exits with status 2; ``HYDRA_FULL_ERROR=1`` re-raises it with
 the full traceback, as Hydra does for everything else.
 """
@@ -28,11 +29,9 @@ def full_traceback_requested() -> bool:
 def user_facing(exc: BaseException) -> BaseException | None:
     """The user-facing error behind ``exc``, if any: Hydra's instantiate wraps an error raised in a
     constructor (a backbone's hub failure) in its own exception, so the chain is followed."""
-    from segexp.data.io import DatasetError
-
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, (UserError, DatasetError)):
+        if isinstance(exc, UserError) or getattr(exc, "user_facing", False):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__

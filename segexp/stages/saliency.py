@@ -11,7 +11,6 @@ size, mtime) and the SOD method config, so a retrained SOD model never serves st
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,40 +19,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from segexp.data.cache import file_key
-from segexp.methods.loading import load_method
-from segexp.postprocess.cam_export import image_tensor
-from segexp.postprocess.stage import CachedStage, image_inputs_key
+from segexp.data.transforms import image_tensor
+from segexp.stages.base import Stage
+from segexp.utils.checkpoints import load_method, method_config_of
 from segexp.utils.device import resolve_device
+from segexp.utils.hashing import file_key
 
-__all__ = ["SODSaliencyStage", "method_config_of_run"]
-
-
-def method_config_of_run(ckpt_path: str | os.PathLike) -> dict[str, Any]:
-    """The ``method`` block of the run a checkpoint belongs to (``<run>/config.yaml``, written by
-    every training run next to ``checkpoints/``)."""
-    from omegaconf import OmegaConf
-
-    config = Path(ckpt_path).resolve().parent.parent / "config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(
-            f"{config}: no run config next to checkpoint {ckpt_path}; "
-            "pass the SOD method config as stage.method"
-        )
-    cfg = OmegaConf.load(config)
-    if "method" not in cfg:
-        raise ValueError(f"{config}: has no 'method' block")
-    return OmegaConf.to_container(cfg.method, resolve=True)
+__all__ = ["SODSaliencyStage"]
 
 
-class SODSaliencyStage(CachedStage):
+class SODSaliencyStage(Stage):
     """Per-image saliency of a SOD method (``saliency(images)`` -> (N, 1, H, W) in [0, 1]).
 
     Args:
         ckpt_path: the SOD checkpoint (a ``method=cas``/``ldf`` run).
-        method: its method config; None = read from the run's ``config.yaml``.
+        method: its method config; None = the one the checkpoint records.
         name, cache_dir, device (``auto`` = cuda when available), progress, version: as every stage.
     """
+
+    in_process = True  # one network, on ``device``
 
     def __init__(
         self,
@@ -75,7 +59,7 @@ class SODSaliencyStage(CachedStage):
         self.ckpt_path = str(ckpt_path)
         if isinstance(method, DictConfig):
             method = OmegaConf.to_container(method, resolve=True)
-        self.method_cfg = dict(method) if method is not None else method_config_of_run(self.ckpt_path)
+        self.method_cfg = dict(method) if method is not None else method_config_of(self.ckpt_path)
         self._method = None  # loaded on first use (a filled cache never loads the network)
         self.cache_dir = Path(cache_dir)
         self.device = resolve_device(device)
@@ -94,30 +78,12 @@ class SODSaliencyStage(CachedStage):
                 )
         return self._method
 
-    @staticmethod
-    def stage_reader(reader: Any) -> Any:
-        """The reader reading images only (the maps need nothing else)."""
-        out = copy.copy(reader)
-        if getattr(reader, "provides", None) is not None:
-            out.keys = frozenset({"image"})
-        return out
-
     @torch.no_grad()
     def compute(self, sample: Mapping[str, Any]) -> dict[str, np.ndarray]:
         x = image_tensor(sample["image"]).to(self.device)
         s = self.method.saliency(x)[0, 0].float().clamp(0, 1).cpu().numpy()
         return {"saliency": np.round(s * 255).astype(np.uint8)}
 
-    def run(
-        self, reader: Any, evaluate: bool = False, rank: int = 0, world_size: int = 1, **_: Any
-    ) -> dict[str, Any]:
-        """Fill this rank's missing maps (in-process, on ``device``). ``evaluate`` is accepted for the
-        stage interface; saliency maps have no class labels to score."""
-        reader = self.stage_reader(reader)
-        cache = self.cache_for(reader)
-        return {**self.fill_in_process(reader, cache, rank, world_size), "settings": cache.settings}
-
-    def get(self, reader: Any, index: int, key: str | None = None) -> np.ndarray | None:
-        """Float32 (H, W) saliency in [0, 1] of item ``index``, or None when not cached."""
-        entry = self.cache_for(reader).get(reader.ids[index], image_inputs_key(reader, index))
-        return None if entry is None else entry["saliency"].astype(np.float32) / 255.0
+    def value(self, entry, reader, index) -> np.ndarray:
+        """Float32 (H, W) saliency in [0, 1]."""
+        return entry["saliency"].astype(np.float32) / 255.0

@@ -42,12 +42,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from segexp.data.cache import file_key, stable_hash
 from segexp.data.pseudo_labels import PseudoLabels, barrier
-from segexp.methods.loading import load_method
-from segexp.postprocess.cam_export import image_tensor
-from segexp.postprocess.stage import CachedStage, reader_root
+from segexp.data.transforms import image_tensor
+from segexp.stages.base import Stage, reader_root
+from segexp.utils.checkpoints import load_method
 from segexp.utils.device import resolve_device
+from segexp.utils.hashing import file_key, stable_hash
 from segexp.utils.kmeans import kmeans
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def cluster_per_class(
     return clusters, stats
 
 
-class FeatureStage(CachedStage):
+class FeatureStage(Stage):
     """Clustering features of a CAM network (see the module docstring), cached per image.
 
     Args:
@@ -193,6 +193,9 @@ class FeatureStage(CachedStage):
             weights, the rest from ``init_seed``) - what a standalone ``segexp.train`` run clusters.
         init_seed: torch seed of the initial weights when ``ckpt_path`` is None.
     """
+
+    in_process = True  # one network, on ``device``
+    compress = False  # float features do not compress
 
     def __init__(
         self,
@@ -247,10 +250,8 @@ class FeatureStage(CachedStage):
         feature = self.network.backbone(x)[-1].float().mean((2, 3))[0]
         return {"feature": feature.cpu().numpy(), "labels": np.asarray(sample["labels"], np.float32)}
 
-    def run(self, reader: Any, evaluate: bool = False, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-        """Extract the missing features of this rank's share; report images/s."""
-        reader = image_label_reader(reader)
-        return self.fill_in_process(reader, self.cache_for(reader), rank, world_size, compress=False)
+    def stage_reader(self, reader: Any) -> Any:
+        return image_label_reader(reader)
 
     def load_all(self, reader: Any) -> tuple[np.ndarray, np.ndarray]:
         """Features (N, D) and labels (N, C) of every image, in ``reader.ids`` order."""
@@ -264,8 +265,11 @@ class FeatureStage(CachedStage):
         return np.stack([e["feature"] for e in entries]), np.stack([e["labels"] for e in entries])
 
 
-class SubCategoryStage(CachedStage):
+class SubCategoryStage(Stage):
     """Per-class k-means sub-categories of ``features`` (a :class:`FeatureStage`), cached per image.
+
+    Not a per-image stage: one clustering decides every entry, so :meth:`run` is its own (features
+    of this rank's share through the template, then rank 0 clusters the whole split).
 
     Args:
         num_subcategories: K (paper: 10).
@@ -338,7 +342,14 @@ class SubCategoryStage(CachedStage):
         take part in :meth:`run` (its barrier) when any entry is stale."""
         return super().missing(reader)
 
-    def run(self, reader: Any, evaluate: bool = False, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    def run(
+        self,
+        reader: Any,
+        evaluate: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int | None = None,
+    ) -> dict[str, Any]:
         """This rank's share of the missing features; then, on rank 0, the clustering of the whole
         split if any entry is stale."""
         reader = image_label_reader(reader)

@@ -2,15 +2,15 @@
 
 Round 0 trains the plain CAM network (``round0_overrides``, default ``method=cam``: psa's
 ``res38_cls``). Round r = 1..R extracts the features of round r-1's network
-(:class:`~segexp.postprocess.subcategory.FeatureStage`), clusters them per parent class
-(:class:`~segexp.postprocess.subcategory.SubCategoryStage`) and trains a fresh SC-CAM network from
+(:class:`~segexp.stages.subcategory.FeatureStage`), clusters them per parent class
+(:class:`~segexp.stages.subcategory.SubCategoryStage`) and trains a fresh SC-CAM network from
 the initial weights on parent + sub-category labels (the experiment's ``method=sccam``, with the
 ``SubCategoryLabels`` train wrapper pointed at round r-1). The network of round r is the checkpoint
 after ``checkpoint_epochs[r-1]`` epochs of a poly schedule whose horizon stays ``schedule.epochs``
 (released: epochs 30/40/50 of 61, so the learning rate is never annealed to 0). The CAM export of
 the pipeline then reads the last round.
 
-Every round is a :meth:`~segexp.pipeline.PipelineContext.train` run in ``<dir>/round0`` and
+Every round is a :meth:`~segexp.pipeline.runs.PipelineContext.train` run in ``<dir>/round0`` and
 ``<dir>/round<r>_K<K>_<hash>`` keyed by everything it depends on (its config, the previous round's
 key and checkpoint, the clustering settings; their hash is in the name, so runs with other settings
 in the same directory never overwrite each other): finished rounds are skipped, an interrupted one
@@ -32,14 +32,15 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from segexp.pipeline import PipelineContext, cam_network_key, compose, container, run_key
+from segexp.pipeline.compose import compose, container, train_reader
+from segexp.pipeline.runs import PipelineContext, cam_network_key, run_key
 from segexp.utils.atomic import write_json
 
 log = logging.getLogger(__name__)
 
 __all__ = ["StopAfterEpoch", "train_rounds", "WRAPPER_TARGET"]
 
-WRAPPER_TARGET = "segexp.postprocess.subcategory.SubCategoryLabels"
+WRAPPER_TARGET = "segexp.stages.subcategory.SubCategoryLabels"
 CHECKPOINTS = ("last", "best")
 
 
@@ -102,8 +103,6 @@ def _evaluate(context: PipelineContext, method: dict[str, Any], ckpt: str) -> di
     """Multi-scale CAM export of one round's network on the train split, scored over the curve
     (mIoU and F-score, as the paper's Table 2)."""
     import hydra
-
-    from segexp.pipeline import train_reader
 
     if context.reader is None:
         context.reader = train_reader(context.cfg)

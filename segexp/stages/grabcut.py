@@ -23,7 +23,7 @@ per-box foreground masks are painted into one class map:
   rectangles" baseline, cached and scored by the same code.
 
 :class:`GrabCutStage` runs this over a reader's images in parallel (a process pool over all cores
-by default), caches each image's mask in a :class:`~segexp.data.cache.StageCache` (settings-hashed
+by default), caches each image's mask in a :class:`~segexp.stages.cache.StageCache` (settings-hashed
 directory, per-image inputs key from the image and annotation files, atomic writes), so an
 interrupted run resumes with the images it has not done, and scores the masks against the
 ground-truth masks where the dataset has them (the "GrabCut mIoU" papers quote), next to the
@@ -32,11 +32,8 @@ filled-box masks as a reference.
 
 from __future__ import annotations
 
-import copy
 import logging
-import multiprocessing
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,9 +41,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from segexp.data.cache import StageCache, content_key, file_key, stable_hash
-from segexp.postprocess.stage import CachedStage, confusion, iou_report
-from segexp.utils.progress import Progress
+from segexp.stages.base import LabelStage, all_cores, confusion, iou_report
+from segexp.utils.hashing import content_key, file_key, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -170,20 +166,8 @@ def grabcut_image(
 
 
 # ---------------------------------------------------------------------------------------------
-# The stage: a reader's images -> cached masks, in parallel, scored against GT
+# The stage: a reader's images -> cached masks, scored against GT next to the filled boxes
 # ---------------------------------------------------------------------------------------------
-
-
-def _stage_reader(reader: Any) -> Any:
-    """A shallow copy of ``reader`` that loads the image, the boxes and (if it has them) the GT mask."""
-    out = copy.copy(reader)
-    provides = getattr(reader, "provides", None)
-    wanted = {"image", "boxes", "box_labels", "box_difficult", "mask"}
-    if provides is not None:
-        if "boxes" not in provides:
-            raise ValueError(f"{type(reader).__name__} provides no boxes; a box stage cannot run on it")
-        out.keys = frozenset(wanted & set(provides)) | {"image"}
-    return out
 
 
 def inputs_key(reader: Any, index: int) -> str:
@@ -200,50 +184,16 @@ def inputs_key(reader: Any, index: int) -> str:
     return content_key(sample["image"], np.asarray(sample["boxes"]), np.asarray(sample["box_labels"]))
 
 
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(stage: GrabCutStage, reader: Any, cache: StageCache, evaluate: bool) -> None:
-    cv2.setNumThreads(1)
-    _WORKER.update(stage=stage, reader=reader, cache=cache, evaluate=evaluate)
-
-
-def _process(job: tuple[int, str, bool]) -> dict[str, Any]:
-    """Compute (or, when ``compute`` is False, read) the mask of one item; score it if GT exists."""
-    index, key, compute = job
-    stage, reader, cache = _WORKER["stage"], _WORKER["reader"], _WORKER["cache"]
-    image_id = reader.ids[index]
-    result: dict[str, Any] = {"id": image_id, "computed": False}
-    sample = None
-    mask = None
-    if not compute:
-        entry = cache.get(image_id, key)
-        mask = None if entry is None else entry["pseudo"]
-    if mask is None:
-        sample = reader[index]
-        mask = stage.compute(sample)
-        cache.put(image_id, key, {"pseudo": mask})
-        result["computed"] = True
-    if _WORKER["evaluate"]:
-        if sample is None:
-            sample = reader[index]
-        if "mask" in sample:
-            n = int(getattr(reader, "num_classes", max(int(mask.max()), 1) + 1))
-            boxes, labels = stage.select_boxes(sample)
-            gt = np.asarray(sample["mask"])
-            result["cm"] = confusion(np.where(mask == IGNORE, 0, mask), gt, n)  # ignore counts as background
-            result["cm_rect"] = confusion(fill_boxes(boxes, labels, gt.shape, stage.overlap), gt, n)
-    return result
-
-
-class GrabCutStage(CachedStage):
+class GrabCutStage(LabelStage):
     """Box -> mask stage: ``run(reader)`` fills the cache for a split; ``get(reader, i)`` reads one mask.
 
     Settings that change the masks are part of the cache key (and of ``settings.json`` beside the
-    entries); ``workers``, ``progress`` and ``cache_dir`` are not.
+    entries); ``workers`` (null = all cores, shared among the DDP ranks of a node), ``progress`` and
+    ``cache_dir`` are not.
     """
 
-    inputs_key = staticmethod(inputs_key)  # image + box annotation files
+    reads = frozenset({"image", "boxes", "box_labels", "box_difficult"})
+    requires = "boxes"
 
     def __init__(
         self,
@@ -279,13 +229,28 @@ class GrabCutStage(CachedStage):
         self.progress = progress
         self.version = int(version)
 
-    # -- one image ---------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         common = {"mode": self.mode, "overlap": self.overlap, "use_difficult": self.use_difficult}
         if self.mode == "rect":
             return common
-        return {**common, "iterations": self.iterations, "margin": self.margin, "border": self.border,
-                "min_fill": self.min_fill, "inside_bg": self.inside_bg, "opencv": cv2.__version__}
+        return {
+            **common,
+            "iterations": self.iterations,
+            "margin": self.margin,
+            "border": self.border,
+            "min_fill": self.min_fill,
+            "inside_bg": self.inside_bg,
+            "opencv": cv2.__version__,
+        }
+
+    def inputs_key(self, reader: Any, index: int) -> str:
+        return inputs_key(reader, index)
+
+    def default_workers(self, world_size: int) -> int:
+        return all_cores(world_size)
+
+    def worker_init(self) -> None:
+        cv2.setNumThreads(1)  # one process per core already
 
     def select_boxes(self, sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         boxes = np.asarray(sample["boxes"], dtype=np.float32).reshape(-1, 4)
@@ -295,108 +260,43 @@ class GrabCutStage(CachedStage):
             boxes, labels = boxes[keep], labels[keep]
         return boxes, labels
 
-    def compute(self, sample: dict[str, Any]) -> np.ndarray:
+    def compute(self, sample: dict[str, Any]) -> dict[str, np.ndarray]:
         boxes, labels = self.select_boxes(sample)
-        return grabcut_image(
-            sample["image"], boxes, labels, self.iterations, self.margin, self.border, self.min_fill,
-            self.overlap, self.inside_bg, self.mode,
+        mask = grabcut_image(
+            sample["image"],
+            boxes,
+            labels,
+            self.iterations,
+            self.margin,
+            self.border,
+            self.min_fill,
+            self.overlap,
+            self.inside_bg,
+            self.mode,
         )
+        return {"pseudo": mask}
 
-    # -- a split -----------------------------------------------------------------------------
-    def run(
-        self,
-        reader: Any,
-        evaluate: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        workers: int | None = None,
-    ) -> dict[str, Any]:
-        """Compute this rank's missing masks of ``reader``'s split (all of them, ``world_size=1``).
-
-        With ``evaluate`` every item of the share is visited (cached masks are read) and scored
-        against the GT masks; otherwise only missing items are touched. Returns a report dict
-        (counts, seconds, images/s and, with ``evaluate``, mIoU of the masks and of the boxes).
-        """
-        reader = _stage_reader(reader)
-        cache = self.cache_for(reader)
-        keys = self.keys(reader)
-        todo = set(cache.missing(keys, keys, rank=rank, world_size=world_size))
-        mine = todo if not evaluate else set(_shard_ids(list(keys), rank, world_size))
-        index = {image_id: i for i, image_id in enumerate(reader.ids)}
-        jobs = [(index[i], keys[i], i in todo) for i in sorted(mine)]
-        n_workers = workers or self.workers or default_workers(world_size)
-        # nothing to compute (only cached masks to score): a pool's start-up would be all its cost
-        n_workers = max(1, min(n_workers, len(todo)))
-        desc = f"{self.name} [{getattr(reader, 'split', '?')}]"
-        log.info("%s: %d images, %d to compute, cache %s, %d processes", desc, len(keys), len(todo),
-                 cache.dir, n_workers)
-        t0 = time.perf_counter()
-        results = list(self._map(jobs, reader, cache, evaluate, n_workers, desc))
-        seconds = time.perf_counter() - t0
-        computed = sum(r["computed"] for r in results)
-        report: dict[str, Any] = {
-            "stage": self.name,
-            "split": getattr(reader, "split", None),
-            "images": len(keys),
-            "computed": computed,
-            "reused": len(results) - computed if evaluate else len(keys) - len(todo),
-            "seconds": round(seconds, 3),
-            "images_per_s": round(computed / seconds, 3) if computed and seconds > 0 else None,
-            "processes": n_workers,
-            "cache_dir": str(cache.dir),
-            "settings": cache.settings,
+    def score(self, sample, entry, reader) -> dict[str, np.ndarray]:
+        """The masks (ignore counts as background) and, as the reference, the filled boxes."""
+        mask = entry["pseudo"]
+        n = int(getattr(reader, "num_classes", max(int(mask.max()), 1) + 1))
+        boxes, labels = self.select_boxes(sample)
+        gt = np.asarray(sample["mask"])
+        return {
+            "cm": confusion(np.where(mask == IGNORE, 0, mask), gt, n),
+            "cm_rect": confusion(fill_boxes(boxes, labels, gt.shape, self.overlap), gt, n),
         }
-        cms = [r["cm"] for r in results if "cm" in r]
-        if cms:
-            names = getattr(reader, "class_names", None)
-            report["scored_images"] = len(cms)
-            report["pseudo"] = iou_report(sum(cms), names)
-            report["box_rect"] = iou_report(sum(r["cm_rect"] for r in results if "cm_rect" in r), names)
-            log.info("%s: pseudo-label mIoU %.4f vs GT (filled boxes: %.4f) over %d images", desc,
-                     report["pseudo"]["mIoU"], report["box_rect"]["mIoU"], len(cms))
+
+    def summary(self, totals, reader) -> dict[str, Any]:
+        names = getattr(reader, "class_names", None)
+        report = {"pseudo": iou_report(totals["cm"], names), "box_rect": iou_report(totals["cm_rect"], names)}
+        log.info(
+            "%s: pseudo-label mIoU %.4f vs GT (filled boxes: %.4f)",
+            self.name,
+            report["pseudo"]["mIoU"],
+            report["box_rect"]["mIoU"],
+        )
         return report
-
-    def _map(self, jobs, reader, cache, evaluate, n_workers, desc):
-        progress = Progress(desc, len(jobs), enabled=self.progress)
-        if n_workers <= 1 or len(jobs) <= 1:
-            _init_worker(self, reader, cache, evaluate)
-            try:
-                for job in jobs:
-                    yield _process(job)
-                    progress.advance()
-            finally:
-                _WORKER.clear()
-                progress.close()
-            return
-        ctx = multiprocessing.get_context("spawn")  # no fork after torch/OpenMP threads started
-        chunk = max(1, min(16, len(jobs) // (n_workers * 8)))
-        with ctx.Pool(n_workers, initializer=_init_worker, initargs=(self, reader, cache, evaluate)) as pool:
-            try:
-                for result in pool.imap_unordered(_process, jobs, chunksize=chunk):
-                    yield result
-                    progress.advance()
-            finally:
-                progress.close()
-
-    def get(self, reader: Any, index: int, key: str | None = None) -> np.ndarray | None:
-        """The cached mask of item ``index`` (None when absent or stale)."""
-        entry = self.cache_for(reader).get(reader.ids[index], key or inputs_key(reader, index))
-        return None if entry is None else entry["pseudo"]
 
     def __repr__(self) -> str:
         return f"GrabCutStage(name={self.name!r}, {stable_hash(self.settings(), 8)}: {self.settings()})"
-
-
-def _shard_ids(ids: list[str], rank: int, world_size: int) -> list[str]:
-    from segexp.data.cache import shard
-
-    return shard(ids, rank, world_size)
-
-
-def default_workers(world_size: int = 1) -> int:
-    """All cores this process may use, shared among the ranks of one node."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, world_size))

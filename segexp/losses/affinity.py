@@ -2,9 +2,10 @@
 labels from low/high-alpha CRF maps, the affinity of embedded features, the affinity loss.
 
 The network that learns the affinities is ``method=affinitynet`` (:mod:`segexp.methods.affinitynet`),
-trained and used by the ``rw`` stage (:mod:`segexp.postprocess.rw_stage`); :func:`dense_affinity`
+trained by the pipeline and used by the ``rw`` stage (:mod:`segexp.stages.random_walk`);
+:func:`dense_affinity`
 turns any embedding (or a hand-built one) into the dense matrix
-:func:`segexp.postprocess.random_walk.random_walk` consumes.
+:func:`segexp.inference.random_walk.random_walk` consumes.
 """
 
 from __future__ import annotations

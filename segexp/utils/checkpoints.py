@@ -1,5 +1,7 @@
 """One way to rebuild a trained method: ``load_method(ckpt_path)``, for every stage, eval and notebook.
 
+It lives in ``utils`` because it imports no method: the checkpoint names the class (``_target_``).
+
 Why: a checkpoint written by ``segexp.train`` records the resolved config of its method (key
 ``segexp.method_config``, with the method and experiment that made it), so rebuilding needs no
 experiment config and no hand-copied defaults. Pretrained-weight settings are switched off on
@@ -17,7 +19,7 @@ import torch
 
 from segexp.utils.errors import UserError
 
-__all__ = ["load_method", "recorded_config", "without_pretrained"]
+__all__ = ["load_method", "recorded_config", "method_config_of", "without_pretrained"]
 
 
 def without_pretrained(node: Any) -> Any:
@@ -37,6 +39,22 @@ def recorded_config(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> d
             "one); pass the method's config, e.g. from the run's config.yaml"
         )
     return dict(config)
+
+
+def method_config_of(ckpt_path: str | os.PathLike) -> dict[str, Any]:
+    """The method config a checkpoint was trained with: the one it records, else (checkpoints written
+    before they recorded it) the ``method`` block of ``config.yaml`` in its run directory."""
+    checkpoint = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
+    if (checkpoint.get("segexp") or {}).get("method_config") is not None:
+        return recorded_config(checkpoint, ckpt_path)
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    run_config = Path(ckpt_path).resolve().parent.parent / "config.yaml"
+    if not run_config.is_file() or OmegaConf.load(run_config).get("method") is None:
+        return recorded_config(checkpoint, ckpt_path)  # raises: says what to pass
+    return OmegaConf.to_container(OmegaConf.load(run_config).method, resolve=True)
 
 
 def load_method(
