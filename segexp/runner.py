@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segexp.reporting.dump import PredictionDump, SaliencyDump
 from segexp.utils.atomic import write_json, write_text
+from segexp.utils.checkpoints import made_by_record
 from segexp.utils.config import instantiate_named
 from segexp.utils.errors import UserError
 
@@ -79,7 +80,7 @@ def provenance(cfg: DictConfig) -> dict[str, Any]:
 def check_checkpoint(path: Path, cfg: DictConfig, method: pl.LightningModule) -> None:
     """Refuse, in one line, a checkpoint another method made (or one whose weights do not fit)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    made_by = ckpt.get("segexp") or {}
+    made_by = made_by_record(ckpt)
     wanted = cfg.method.get("_target_")
     if made_by.get("method_target") and made_by["method_target"] != wanted:
         raise UserError(
@@ -178,7 +179,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     check_data(cfg, datamodule, "fit")
     method = hydra.utils.instantiate(cfg.method)
-    method.provenance = provenance(cfg)
+    method.record_provenance(provenance(cfg))
     callbacks = instantiate_named(cfg.get("callbacks"))
     loggers = instantiate_named(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks, loggers)

@@ -63,3 +63,13 @@ def run_cli(module: str, args: list[str], cwd: Path, timeout: int = 300, env: di
         text=True,
         timeout=timeout,
     )
+
+
+def config_weights(choice: str, **changes: float) -> dict[str, float]:
+    """The loss-term weights of ``group=option`` (e.g. ``method=seam``) as its YAML gives them - their
+    one home - with ``changes``: what tests building a method by hand pass as ``weights``."""
+    from omegaconf import OmegaConf
+
+    group = choice.split("=", 1)[0]
+    weights = OmegaConf.to_container(compose([choice])[group].weights, resolve=True)
+    return {**weights, **changes}

@@ -15,6 +15,7 @@ from segexp.inference.random_walk import sparse_affinity
 from segexp.losses.affinity import affinity_labels, affinity_loss, pair_offsets
 from segexp.methods.affinitynet import AffinityNetMethod, labels_on_grid, pair_masks
 from segexp.models.affinitynet import pair_affinity, pair_indices
+from tests.conftest import config_weights
 
 CLASSES = ["background", "a", "b"]
 
@@ -63,7 +64,10 @@ def _pairs(label: np.ndarray, radius: int, ignore: int = 255):
 
 
 def _method(model: nn.Module, radius: int = 5) -> AffinityNetMethod:
-    return AffinityNetMethod(model=model, radius=radius, num_classes=3, class_names=CLASSES, schedule={})
+    return AffinityNetMethod(
+        model=model, radius=radius, weights=config_weights("method=affinitynet"), num_classes=3,
+        class_names=CLASSES, schedule={},
+    )
 
 
 # -- affinity labels ---------------------------------------------------------------------------------
@@ -136,13 +140,13 @@ def test_weights_are_config_and_unknown_kinds_are_rejected():
     method = AffinityNetMethod(
         model=FixedEmbedding(f),
         radius=2,
-        weights={"neg": 1.0},
+        weights=config_weights("method=affinitynet", neg=1.0),  # psa: 0.5
         num_classes=3,
         class_names=CLASSES,
         schedule={},
     )
     assert method.compute_losses(batch)["neg"].item() == pytest.approx(2 * base["neg"].item())
-    with pytest.raises(ValueError, match="unknown pair kinds"):
+    with pytest.raises(ValueError, match="unknown term"):
         AffinityNetMethod(
             model=FixedEmbedding(f), weights={"pos": 1.0}, num_classes=3, class_names=CLASSES, schedule={}
         )
@@ -229,6 +233,7 @@ def rw_setup(tmp_path):
     method_cfg = {
         "_target_": "segexp.methods.affinitynet.AffinityNetMethod",
         "model": {"_target_": f"{__name__}.ColourEmbedding"},
+        "weights": config_weights("method=affinitynet"),
         "num_classes": 3,
         "class_names": CLASSES,
         "schedule": {},

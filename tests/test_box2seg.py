@@ -21,7 +21,7 @@ from segexp.losses.box2seg import (
     grabcut_ce,
     pairwise_affinity_loss,
 )
-from tests.conftest import REPO, SMALL_SYNTH, run_cli
+from tests.conftest import REPO, SMALL_SYNTH, config_weights, run_cli
 
 # one 4x4 image, classes {0, 1, 2}; a class-1 box over columns 0-1 (rows 0-3), a class-2 box at (3, 3)
 BOXES = [torch.tensor([[0.0, 0.0, 2.0, 4.0], [3.0, 3.0, 4.0, 4.0]])]
@@ -169,19 +169,22 @@ def test_box2seg_loss_weights_and_switches():
     emb = F.normalize(torch.randn(1, 4, 4, 4), dim=1)
     target = torch.zeros(1, 4, 4, dtype=torch.long)
     target[0, :2, :2] = 1
-    full_loss = Box2SegLoss(affinity={"stride": 1})
+    w = config_weights("loss=box2seg")
+    full_loss = Box2SegLoss(weights=w, affinity={"stride": 1})
     full_weights = full_loss.weights
     full = full_loss(logits, alpha, emb, target, b)
     assert set(full) == {"gc", "fg", "bg", "fr", "aff"}
-    half = Box2SegLoss(weights={"fg": 0.5}, enabled={"aff": False}, affinity={"stride": 1})(
+    half = Box2SegLoss(weights={**w, "fg": 0.5}, enabled={"aff": False}, affinity={"stride": 1})(
         logits, alpha, emb, target, b
     )
     assert "aff" not in half and torch.allclose(half["fg"], full["fg"] / full_weights["fg"] * 0.5)
-    off = Box2SegLoss(weights={"gc": 0, "fg": 0, "bg": 0, "fr": 0, "aff": 0})
+    off = Box2SegLoss(weights={**w, "gc": 0, "fg": 0, "bg": 0, "fr": 0, "aff": 0})
     assert off(logits, None, None, target, b) == {}
-    with pytest.raises(KeyError, match="unknown"):
-        Box2SegLoss(weights={"typo": 1.0})
-    pre = Box2SegLoss(affinity={"stride": 1}).pretrain(emb, target, 3)
+    with pytest.raises(ValueError, match="unknown term"):
+        Box2SegLoss(weights={**w, "typo": 1.0})
+    with pytest.raises(ValueError, match=r"no weight for \['fr'\]"):  # never a silent default
+        Box2SegLoss(weights={k: v for k, v in w.items() if k != "fr"})
+    pre = Box2SegLoss(weights=w, affinity={"stride": 1}).pretrain(emb, target, 3)
     assert set(pre) == {"pretrain"} and pre["pretrain"] > 0
 
 
@@ -193,7 +196,8 @@ def _tiny_method(**kw):
     model = Box2SegNet(Backbone("resnet18", output_stride=16), num_classes=3, embed_dim=8, head_channels=16,
                        aspp_channels=32, decoder_channels=32, **kw)
     sched = {"optimizer": {}, "lr_mult": {}, "scheduler": {}}
-    return Box2Seg(model, Box2SegLoss(), num_classes=3, class_names=["bg", "a", "b"], schedule=sched,
+    loss = Box2SegLoss(weights=config_weights("loss=box2seg"))
+    return Box2Seg(model, loss, num_classes=3, class_names=["bg", "a", "b"], schedule=sched,
                    pretrain_epochs=1)
 
 

@@ -1,4 +1,4 @@
-"""Every experiment composes and runs fast_dev_run; override precedence; early, clear failures."""
+"""Every experiment composes and builds its method (its fast_dev_run: slow); precedence; clear failures."""
 
 from __future__ import annotations
 
@@ -164,6 +164,31 @@ def test_every_swept_value_of_a_multirun_experiment_composes(name, tmp_path):
             OmegaConf.to_container(cfg, resolve=True)
 
 
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_composes_and_its_method_predicts_at_the_input_size(name, tmp_path):
+    """Every experiment, in the default suite: the config resolves, the method (network, loss, heads)
+    is built from it and predicts one image at its own size (the fast_dev_runs are `slow`)."""
+    import hydra
+    import torch
+    from omegaconf import OmegaConf
+
+    from segexp.methods.base import SegMethod
+
+    overrides = [f"+experiment={name}", *TINY] + (["coarse_ckpt=unused"] if name.endswith("_fine") else [])
+    cfg = compose(overrides, out_dir=tmp_path)
+    OmegaConf.to_container(cfg, resolve=True)
+    assert ("loss" in cfg) == ("loss" in cfg.method)  # a `loss` node only where the method reads it
+    torch.manual_seed(0)
+    method = hydra.utils.instantiate(cfg.method).eval()
+    assert isinstance(method, SegMethod)
+    if method.predicts_classes:
+        with torch.no_grad():
+            scores = method.predict(torch.rand(1, 3, 32, 48))
+        assert scores.shape[0] == 1 and tuple(scores.shape[-2:]) == (32, 48), tuple(scores.shape)
+        assert torch.isfinite(scores).all()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_runs_fast_dev_run(name, data_dir, tmp_path):
     from segexp.runner import train

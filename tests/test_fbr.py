@@ -21,6 +21,7 @@ from segexp.losses.fbr import (
 )
 from segexp.losses.seam import max_onehot
 from segexp.models.fbr import NROIBank
+from tests.conftest import config_weights
 
 
 def _hand_batch():
@@ -223,7 +224,8 @@ def test_unknown_loss_weight_is_rejected_with_its_name():
 
     net = FBRNet(Backbone("resnet18", output_stride=8), num_classes=3, background_first=True, pcm={})
     with pytest.raises(ValueError, match="nroj"):
-        FBR(model=net, num_classes=3, class_names=list("abc"), schedule={}, weights={"nroj": 0.1})
+        FBR(model=net, num_classes=3, class_names=list("abc"), schedule={},
+            weights=config_weights("method=fbr", nroj=0.1))
 
 
 def test_fbr_heads_are_built_as_released():

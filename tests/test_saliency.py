@@ -126,7 +126,9 @@ def test_sod_checkpoint_stage_fills_the_cache_and_the_wrapper_reads_it(voc_root,
     from segexp.stages.saliency import SODSaliencyStage
     from tests.conftest import compose
 
-    cfg = compose(["method=cas", "data=shapes_sod", "backbone=resnet18", "backbone.pretrained=false"])
+    cfg = compose(
+        ["method=cas", "loss=cas", "data=shapes_sod", "backbone=resnet18", "backbone.pretrained=false"]
+    )
     method = hydra.utils.instantiate(cfg.method)
     run = tmp_path / "sod_run"
     (run / "checkpoints").mkdir(parents=True)

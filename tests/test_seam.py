@@ -15,6 +15,7 @@ from segexp.losses.seam import (
     with_background,
 )
 from segexp.models.pcm import pcm_affinity, pcm_input, pcm_propagate
+from tests.conftest import config_weights
 
 
 def _down(x, size):
@@ -106,7 +107,8 @@ def seam_method():
         pcm={"tap_dims": (8, 16), "out_dim": 12},
     )
     sched = {"optimizer": None, "lr_mult": {}, "scheduler": {}}
-    return SEAM(model=model, num_classes=4, class_names=["bg", "a", "b", "c"], schedule=sched)
+    return SEAM(model=model, num_classes=4, class_names=["bg", "a", "b", "c"], schedule=sched,
+                weights=config_weights("method=seam"))
 
 
 def _grads(module):

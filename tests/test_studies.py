@@ -29,6 +29,10 @@ SHORT = [
 
 #: study -> (metrics for the report, the swept values whose product must be the rows)
 STUDIES = {
+    "study_bottomup": (
+        ["test/intra_sim", "test/inter_sim", "test/recall@0.5", "test/mIoU", "test/mBIoU"],
+        {"ablation": ["discriminative", "plus_mse", "full"]},
+    ),
     "study_cas_lfd": (
         ["test/S", "test/MAE", "test/maxF"],
         {"loss": ["ce", "cas"], "data.prepare.testbed.sod_noise.rate": ["0.0", "0.25", "0.5"]},

@@ -260,7 +260,9 @@ def test_sod_route_train_eval_dump_then_sod_eval(data_dir, tmp_path):
     )
     ckpt = run / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-    assert saved["segexp"]["method"] == "cas" and saved["segexp"]["experiment"] == "cas_shapes_sod"
+    made_by = saved["hyper_parameters"]  # SegMethod.record_provenance: Lightning's hparams
+    assert made_by["method"] == "cas" and made_by["experiment"] == "cas_shapes_sod"
+    assert made_by["method_config"]["_target_"].endswith("CASSaliency")
     from segexp.utils.checkpoints import load_method
 
     method = load_method(ckpt)  # no experiment config: the checkpoint's own record

@@ -61,6 +61,7 @@ def bench_training(batch: int, size: int, steps: int) -> dict:
     from segexp.models.backbone import Backbone
     from segexp.models.box2seg import Box2SegNet
     from segexp.models.deeplab import DeepLabV3Plus
+    from segexp.pipeline.compose import compose
 
     torch.manual_seed(0)
     num_classes = 6
@@ -77,7 +78,7 @@ def bench_training(batch: int, size: int, steps: int) -> dict:
         opt.step()
 
     net = Box2SegNet(Backbone("resnet18", output_stride=16), num_classes).train()
-    loss_fn = Box2SegLoss()
+    loss_fn = Box2SegLoss(weights=dict(compose(["loss=box2seg"]).loss.weights))  # their one home: the YAML
 
     def box2seg_step(opt):
         opt.zero_grad()

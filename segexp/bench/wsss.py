@@ -71,13 +71,15 @@ def bench_rw(size: int, n: int) -> dict:
     from segexp.methods.affinitynet import AffinityNetMethod
     from segexp.models.affinitynet import AffinityNet
     from segexp.models.backbone import Backbone
+    from segexp.pipeline.compose import compose
     from segexp.stages.random_walk import random_walk_label
 
     torch.manual_seed(0)
     device = resolve_device()
     net = AffinityNet(Backbone("resnet18", output_stride=8))
     names = [str(i) for i in range(21)]
-    method = AffinityNetMethod(model=net, num_classes=21, class_names=names, schedule={})
+    weights = dict(compose(["method=affinitynet"]).method.weights)  # their one home: the YAML
+    method = AffinityNetMethod(model=net, weights=weights, num_classes=21, class_names=names, schedule={})
     method = method.to(device).eval()
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)

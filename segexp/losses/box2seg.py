@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segexp.losses.weights import term_weights
+
 __all__ = [
     "Box2SegLoss",
     "affinity_loss",
@@ -254,11 +256,10 @@ class Box2SegLoss(nn.Module):
         fg_normalise: str = "class",
     ):
         super().__init__()
-        w = {"gc": 1.0, "fg": 0.2, "bg": 1.0, "fr": 2.0, "aff": 0.1, "pretrain": 1.0}
-        unknown = set(weights or {}) - set(w) | set(enabled or {}) - set(w)
+        w = term_weights(weights, self.TERMS, "loss.weights")  # conf/loss/box2seg.yaml
+        unknown = set(enabled or {}) - set(w)
         if unknown:
-            raise KeyError(f"unknown Box2Seg loss terms {sorted(unknown)}; terms are {list(self.TERMS)}")
-        w.update({k: float(v) for k, v in (weights or {}).items()})
+            raise KeyError(f"loss.enabled: unknown terms {sorted(unknown)}; terms: {list(self.TERMS)}")
         on = {k: True for k in w}
         on.update({k: bool(v) for k, v in (enabled or {}).items()})
         self.weights = {k: (w[k] if on[k] else 0.0) for k in self.TERMS}

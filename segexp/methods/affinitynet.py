@@ -32,6 +32,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from segexp.losses.affinity import PAIR_KINDS, affinity_terms, pair_masks
+from segexp.losses.weights import term_weights
 from segexp.methods.base import SegMethod
 from segexp.models.affinitynet import effective_radius, pair_affinity, pair_indices
 
@@ -95,13 +96,7 @@ class AffinityNetMethod(SegMethod):
         **base: Any,
     ):
         super().__init__(**base)
-        w = {"bg_pos": 0.25, "fg_pos": 0.25, "neg": 0.5}
-        unknown = set(weights or {}) - set(w)
-        if unknown:
-            raise ValueError(
-                f"affinitynet weights: unknown pair kinds {sorted(unknown)} (known: {PAIR_KINDS})"
-            )
-        w.update({k: float(v) for k, v in (weights or {}).items()})
+        w = term_weights(weights, PAIR_KINDS)  # conf/method/affinitynet.yaml (psa train_aff.py)
         self.model = model
         self.name = name
         self.radius = int(radius)

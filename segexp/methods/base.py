@@ -73,13 +73,14 @@ class SegMethod(pl.LightningModule):
         self.tta = dict(_plain(tta) or {})
         # Set by segexp.runner.evaluate: write test predictions / per-image scores there.
         self.dump: PredictionDump | None = None
-        # Set by segexp.runner.train: which method and experiment made the weights; saved in every
-        # checkpoint (key "segexp") so that loading one into another method is refused in one line.
-        self.provenance: dict[str, Any] = {}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.provenance:
-            checkpoint["segexp"] = dict(self.provenance)
+    def record_provenance(self, record: Mapping[str, Any]) -> None:
+        """Which method and experiment made the weights, with the resolved method config: saved as
+        the module's hyperparameters (checkpoint key ``hyper_parameters``), from which
+        ``segexp.utils.checkpoints.load_method(ckpt)`` rebuilds the method and ``runner`` refuses
+        another method's checkpoint in one line. Not the init arguments: those hold built modules
+        (network, loss) that only the config can rebuild."""
+        self.save_hyperparameters(dict(record), logger=False)
 
     # -- to implement --------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover

@@ -71,14 +71,14 @@ from segexp.losses.fbr import (
     uncertain_mask,
 )
 from segexp.losses.ppc import ContrastGrid, flat_features
-from segexp.methods.ppc import PPC, SEAM_TERMS, ContrastGrids, PPCasFBR, ReleasedECRSlip, check_weights
+from segexp.losses.weights import term_weights
+from segexp.methods.ppc import PPC, SEAM_TERMS, ContrastGrids, PPCasFBR, ReleasedECRSlip
 from segexp.methods.seam import SEAM
 from segexp.models.fbr import NROIBank
 
 __all__ = ["FBRTerms", "FBR", "FBRPPC"]
 
 FBR_TERMS = ("sim", "bg_seg", "nroi", "fg")
-DEFAULT_WEIGHTS = {"sim": 0.1, "bg_seg": 0.1, "nroi": 0.01, "fg": 0.1}
 
 
 class FBRTerms:
@@ -101,8 +101,7 @@ class FBRTerms:
         **kwargs: Any,
     ):
         kwargs.setdefault("name", "fbr")
-        weights = {**DEFAULT_WEIGHTS, **dict(kwargs.pop("weights", None) or {})}
-        check_weights(weights, type(self).TERMS)
+        weights = term_weights(kwargs.pop("weights", None), type(self).TERMS)  # conf/method/fbr*.yaml
         super().__init__(*args, weights=weights, **kwargs)
         heads = getattr(self.model, "fbr_heads", None)
         if heads is None or not getattr(heads, "background", False):

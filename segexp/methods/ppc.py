@@ -99,21 +99,14 @@ from segexp.losses.ppc import (
     ppc_intra_view_loss,
     tap_logits,
 )
+from segexp.losses.weights import term_weights
 from segexp.methods.seam import SEAM
 
-__all__ = ["PPC", "PPCasFBR", "ReleasedECRSlip", "ContrastGrids", "check_weights", "SEAM_TERMS", "PPC_TERMS"]
+__all__ = ["PPC", "PPCasFBR", "ReleasedECRSlip", "ContrastGrids", "SEAM_TERMS", "PPC_TERMS"]
 
-SEAM_TERMS = ("cls", "er", "ecr", "amp")
+SEAM_TERMS = SEAM.TERMS
 PPC_TERMS = ("sal", "ppc_cross", "ppc_cross_cam", "ppc_intra")
-PPC_WEIGHTS = {"sal": 1.0, "ppc_cross": 0.1, "ppc_cross_cam": 0.1, "ppc_intra": 0.1}
 INTRA_DEFAULTS = {"skip": 3, "negatives": 10, "pixel_fraction": 0.5, "pixel_pool": 0.6}
-
-
-def check_weights(weights: dict[str, float], known: tuple[str, ...]) -> None:
-    """``method.weights`` may name only terms this method computes (a typo would silently do nothing)."""
-    unknown = sorted(set(weights) - set(known))
-    if unknown:
-        raise ValueError(f"method.weights: unknown term(s) {unknown}; known: {list(known)}")
 
 
 class ReleasedECRSlip:
@@ -177,8 +170,7 @@ class PPC(ContrastGrids, ReleasedECRSlip, SEAM):
         kwargs.setdefault("name", "ppc")
         kwargs.setdefault("cam_norm", "max")
         kwargs.setdefault("inference_map", "cam")
-        weights = {**PPC_WEIGHTS, **dict(kwargs.pop("weights", None) or {})}
-        check_weights(weights, type(self).TERMS)
+        weights = term_weights(kwargs.pop("weights", None), type(self).TERMS)  # conf/method/ppc*.yaml
         kwargs.setdefault("train_keys", ("image", "labels", "saliency"))
         if weights["sal"] > 0 and "saliency" not in kwargs["train_keys"]:
             raise ValueError(

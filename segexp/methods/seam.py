@@ -40,12 +40,15 @@ import torch.nn.functional as F
 
 from segexp.losses.cam import multilabel_soft_margin
 from segexp.losses.seam import adaptive_min_pooling_loss, ecr_loss, er_loss, max_norm
+from segexp.losses.weights import term_weights
 from segexp.methods.cam import CAMMethod
 
 __all__ = ["SEAM"]
 
 
 class SEAM(CAMMethod):
+    TERMS: tuple[str, ...] = ("cls", "er", "ecr", "amp")  # the loss terms it weights (method.weights)
+
     def __init__(
         self,
         *args: Any,
@@ -65,9 +68,7 @@ class SEAM(CAMMethod):
             raise ValueError(f"inference_map must be 'cam_rv' or 'cam', got {inference_map!r}")
         self.transform_scale = float(transform_scale)
         self.ohem_ratio = float(ohem_ratio)
-        w = {"cls": 1.0, "er": 1.0, "ecr": 1.0, "amp": 1.0}
-        w.update(weights or {})
-        self.weights = w
+        self.weights = term_weights(weights, type(self).TERMS)  # conf/method/<name>.yaml
         amp = dict(amp or {})
         self.amp_enabled = bool(amp.get("enabled", True))
         self.amp_fraction = float(amp.get("fraction", 0.25))

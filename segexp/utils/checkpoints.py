@@ -3,7 +3,7 @@
 It lives in ``utils`` because it imports no method: the checkpoint names the class (``_target_``).
 
 Why: a checkpoint written by ``segexp.train`` records the resolved config of its method (key
-``segexp.method_config``, with the method and experiment that made it), so rebuilding needs no
+``hyper_parameters.method_config``, with the method and experiment that made it), so rebuilding needs no
 experiment config and no hand-copied defaults. Pretrained-weight settings are switched off on
 rebuild: the weights come from the checkpoint, so nothing is fetched again (and nothing fails
 offline). Checkpoints older than this record need the config passed explicitly.
@@ -19,7 +19,7 @@ import torch
 
 from segexp.utils.errors import UserError
 
-__all__ = ["load_method", "recorded_config", "method_config_of", "without_pretrained"]
+__all__ = ["load_method", "made_by_record", "recorded_config", "method_config_of", "without_pretrained"]
 
 
 def without_pretrained(node: Any) -> Any:
@@ -31,8 +31,14 @@ def without_pretrained(node: Any) -> Any:
     return node
 
 
+def made_by_record(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records about its maker: its hyperparameters (``SegMethod.record_provenance``),
+    or the ``segexp`` key of checkpoints written before they were saved as hyperparameters."""
+    return dict(checkpoint.get("hyper_parameters") or checkpoint.get("segexp") or {})
+
+
 def recorded_config(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Any]:
-    config = (checkpoint.get("segexp") or {}).get("method_config")
+    config = made_by_record(checkpoint).get("method_config")
     if config is None:
         raise UserError(
             f"{path}: the checkpoint records no method config (written before checkpoints carried "
@@ -45,7 +51,7 @@ def method_config_of(ckpt_path: str | os.PathLike) -> dict[str, Any]:
     """The method config a checkpoint was trained with: the one it records, else (checkpoints written
     before they recorded it) the ``method`` block of ``config.yaml`` in its run directory."""
     checkpoint = torch.load(str(ckpt_path), map_location="cpu", weights_only=False)
-    if (checkpoint.get("segexp") or {}).get("method_config") is not None:
+    if made_by_record(checkpoint).get("method_config") is not None:
         return recorded_config(checkpoint, ckpt_path)
     from pathlib import Path
 
