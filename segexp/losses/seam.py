@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "max_norm",
+    "released_min_max",
     "max_onehot",
     "with_background",
     "er_loss",
@@ -32,6 +33,22 @@ def max_norm(p: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     pmax = flat.amax(-1)[..., None, None]
     pmin = flat.amin(-1)[..., None, None]
     return F.relu(p - pmin - eps) / (pmax - pmin + eps)
+
+
+def released_min_max(p: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per (image, channel) min-max of ``ReLU(p)`` written the way the released inference and
+    pseudo-label code writes it (SEAM ``infer_SEAM.py:72-77``, FBR/PPC ``module/train.py:
+    get_contrast_loss``): pixels below ``min + eps`` are set to 0 *before* ``(p - min - eps) /
+    (max - min + eps)``, so they end at ``-(min + eps) / (max - min + eps)`` - slightly below 0
+    when the minimum is 0, -1 on a constant channel. :func:`max_norm` (and segexp's default
+    min-max) maps them to 0, as a min-max normalisation does by definition; everything else is
+    equal."""
+    p = F.relu(p)
+    flat = p.flatten(2)
+    pmax = flat.amax(-1)[..., None, None]
+    pmin = flat.amin(-1)[..., None, None]
+    kept = torch.where(p < pmin + eps, torch.zeros_like(p), p)
+    return (kept - pmin - eps) / (pmax - pmin + eps)
 
 
 def with_background(y: torch.Tensor) -> torch.Tensor:

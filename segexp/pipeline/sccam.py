@@ -128,6 +128,7 @@ def train_rounds(
     checkpoint_epochs: Sequence[int | None] = (30, 40, 50),
     checkpoint: str = "last",
     evaluate_rounds: bool = True,
+    stop_callback: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Rounds 0..``rounds``; returns the last round's ``{key, ckpt, metrics, method}``.
 
@@ -139,7 +140,11 @@ def train_rounds(
         checkpoint: ``last`` = the network at that epoch (released), ``best`` = the best one by
             ``optimized_metric`` among the epochs trained.
         evaluate_rounds: score every round's CAMs on the train split.
+        stop_callback: config of the callback that ends round r after ``checkpoint_epochs[r-1]``
+            epochs (:class:`StopAfterEpoch`; its ``epoch`` is filled in per round).
     """
+    if not stop_callback:
+        raise ValueError("pipeline.cam_network.stop_callback: set it (see conf/experiment/sccam_shapes.yaml)")
     if checkpoint not in CHECKPOINTS:
         raise ValueError(f"pipeline.cam_network.checkpoint must be one of {CHECKPOINTS}, got {checkpoint!r}")
     if len(checkpoint_epochs) != rounds:
@@ -161,7 +166,7 @@ def train_rounds(
     k = int(cfg.method.num_subcategories)
     for r, epoch in enumerate(checkpoint_epochs, start=1):
         wrappers = _wrappers_reading(cfg, method, ckpt)
-        stop = {"_target_": f"{__name__}.StopAfterEpoch", "epoch": epoch}
+        stop = {**container(stop_callback), "epoch": epoch}
         depends = {
             "round": r,
             "network": cam_network_key(cfg),
