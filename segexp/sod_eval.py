@@ -5,11 +5,15 @@
 Layout: ``pred_root/<method>/<dataset>/<stem>.{png,jpg,bmp}`` (what ``segexp.eval ... dump.predictions=true``
 writes for CAS/LDF under ``<run dir>/saliency``) and ``gt_root/<dataset>/<stem>.{png,jpg,bmp}``
 (``--gt-dir`` names another folder per dataset); files are matched by stem, every GT needs a
-prediction (a missing one is an error naming the expected file). Both are read as 8-bit
-grayscale with ``cv2.imread(..., IMREAD_GRAYSCALE)``; a prediction whose size differs from its
-GT is resized to the GT size with bilinear interpolation (``cv2.INTER_LINEAR``) -- metrics are
-always computed at GT resolution. The maps then follow the ``uint8`` conventions of
-:mod:`segexp.metrics.sod` (per-image min-max stretch, GT ``> 128``), i.e. PySODMetrics'.
+prediction (a missing one is an error naming the expected file). GTs are read as 8-bit
+grayscale with ``cv2.imread(..., IMREAD_GRAYSCALE)``; predictions at their own depth
+(``IMREAD_ANYDEPTH``; colour files converted to grey by OpenCV, as for 8 bits). A prediction whose
+size differs from its GT is resized to the GT size with bilinear interpolation
+(``cv2.INTER_LINEAR``) -- metrics are always computed at GT resolution. 8-bit maps then follow the
+``uint8`` conventions of :mod:`segexp.metrics.sod` (``/ 255`` and a per-image min-max stretch, GT
+``> 128``), i.e. PySODMetrics'. 16-bit maps (PNG) are read at full precision: ``/ 65535``, the same
+per-image min-max stretch in float64, then the float path of the metrics (an 8-bit reader would
+keep the high byte only; PySODMetrics' ``cv2.imread(.., IMREAD_GRAYSCALE)`` does that).
 
 Writes to ``OUT``: ``results.md``, ``results.csv``, ``results.tex`` (rows: methods; columns:
 dataset x MAE, maxF, meanF, adpF, S, maxE, meanE, adpE, wF; "maxF" is the max of the
@@ -60,11 +64,28 @@ def _read_gray(path: Path) -> np.ndarray:
     return img
 
 
+def _read_map(path: Path) -> np.ndarray:
+    """A saliency map: uint8 as stored, or a 16-bit map as float64 in [0, 1] (``/ 65535`` and the
+    per-image min-max stretch the uint8 path applies inside the metrics)."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
+    if img is None:
+        raise ValueError(f"{path}: cannot decode image")
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype != np.uint16:
+        raise ValueError(f"{path}: unsupported saliency map depth {img.dtype} (8 or 16 bit)")
+    x = img.astype(np.float64) / 65535.0
+    lo, hi = x.min(), x.max()
+    return (x - lo) / (hi - lo) if hi != lo else x
+
+
 def _read_pair(pred_path: Path, gt_path: Path) -> tuple[np.ndarray, np.ndarray]:
     gt = _read_gray(gt_path)
-    pred = _read_gray(pred_path)
+    pred = _read_map(pred_path)
     if pred.shape != gt.shape:
         pred = cv2.resize(pred, (gt.shape[1], gt.shape[0]), interpolation=cv2.INTER_LINEAR)
+        if pred.dtype != np.uint8:  # bilinear stays within [min, max] up to rounding
+            pred = np.clip(pred, 0.0, 1.0)
     return pred, gt
 
 
@@ -80,7 +101,7 @@ def evaluate(pred_dir: Path, gt_dir: Path, batch_size: int = 16, workers: int = 
             raise FileNotFoundError(f"missing prediction {pred_dir / (stem + '.png')} for GT {gt_path}")
         pairs.append((preds[stem], gt_path))
     metric = SODMetrics()
-    buckets: dict[tuple, list] = defaultdict(list)  # batches need equal sizes
+    buckets: dict[tuple, list] = defaultdict(list)  # batches need equal sizes and map types
 
     def flush(key):
         p, g = zip(*buckets.pop(key))
@@ -88,9 +109,10 @@ def evaluate(pred_dir: Path, gt_dir: Path, batch_size: int = 16, workers: int = 
 
     with ThreadPoolExecutor(workers) as pool:
         for pred, gt in pool.map(lambda pg: _read_pair(*pg), pairs):
-            buckets[gt.shape].append((pred, gt))
-            if len(buckets[gt.shape]) == batch_size:
-                flush(gt.shape)
+            key = (gt.shape, pred.dtype.str)  # uint8 and float maps take different metric paths
+            buckets[key].append((pred, gt))
+            if len(buckets[key]) == batch_size:
+                flush(key)
     for key in list(buckets):
         flush(key)
     return metric.compute()

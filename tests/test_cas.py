@@ -62,45 +62,59 @@ def test_paper_invariant_to_permuting_region_labels():
     torch.testing.assert_close(loss(logits, sal), loss(logits, 1 - sal))
 
 
-def _released_lss(gt, softmaxed_tensor, alpha=0.5, batch_size=40, eps=0.00003):
-    """``m_loss2.py : lss.forward`` of sofmonk/class_agnostic_loss_saliency, line by line."""
-    gt_comp = 1 - gt
-    gt = gt + eps
-    gt_comp = gt_comp + eps
-    multiply = softmaxed_tensor * gt
-    summ = torch.sum(multiply, dim=(2, 3))
-    num_pixels = torch.sum(gt, dim=(2, 3))
-    val = torch.div(summ, num_pixels)
-    multiply_comp = softmaxed_tensor * gt_comp
-    summ_comp = torch.sum(multiply_comp, dim=(2, 3))
-    num_pixels_comp = torch.sum(gt_comp, dim=(2, 3))
-    val_comp = torch.div(summ_comp, num_pixels_comp)
-    term_2 = torch.sum((val - val_comp) ** 2, dim=1)
-    u_a = (multiply - (gt * val[:, :, None, None])) ** 2
-    s = torch.sum(u_a, dim=(2, 3))
-    n = torch.sum(gt, dim=(2, 3))
-    n = n + eps
-    term_1 = torch.sum(torch.div(s, n), dim=1)
-    loss_batch = alpha * torch.sum(term_1) - (1 - alpha) * torch.sum(term_2)
-    return loss_batch / batch_size
+# sofmonk/class_agnostic_loss_saliency@def297f: m_loss2.py:lss.forward (alpha 0.5, batch_size 40,
+# eps 3e-5; both channels = the mask, as train.py builds them), float64, run on the inputs below
+RELEASE_LSS_WORKED = -0.00599925380551492  # _probs_1x4([0.9, 0.7, 0.2, 0.4]), mask [1, 1, 0, 0]
+RELEASE_LSS_RANDOM = 0.007770095517956729  # the seeded random batch of the test
 
 
 def test_official_equals_released_formula_on_a_worked_example():
     probs = _probs_1x4([0.9, 0.7, 0.2, 0.4])
     mask = torch.tensor([[[1, 1, 0, 0]]])
-    gt2 = mask[:, None].double().expand(-1, 2, -1, -1)  # train.py: both channels = the mask
     ours = cas_loss_official(probs, mask)
-    assert ours.item() == pytest.approx(_released_lss(gt2, probs).item(), rel=1e-12)
+    assert ours.item() == pytest.approx(RELEASE_LSS_WORKED, rel=1e-12)
     # by hand (eps ignored): uniformer FG only 0.02, pair once 0.5 -> (0.01 - 0.25) / 40
     assert ours.item() == pytest.approx((0.5 * 0.02 - 0.5 * 0.5) / 40, rel=1e-3)
     # random batch
     g = torch.Generator().manual_seed(1)
     probs = torch.randn(5, 2, 6, 7, generator=g, dtype=torch.float64).softmax(1)
     mask = (torch.rand(5, 6, 7, generator=g) > 0.6).long()
-    ref = _released_lss(mask[:, None].double().expand(-1, 2, -1, -1), probs)
-    torch.testing.assert_close(cas_loss_official(probs, mask), ref)
+    assert cas_loss_official(probs, mask).item() == pytest.approx(RELEASE_LSS_RANDOM, rel=1e-12)
     # not FG/BG symmetric (uniformer on the foreground only)
     assert not torch.allclose(cas_loss_official(probs, mask), cas_loss_official(probs, 1 - mask))
+
+
+# sofmonk/class_agnostic_loss_saliency@def297f44e555b1d1f5015e3896c0c76ba7320dc: dataset.py:saliencydata
+# .load_mask (PNG -> L, resize to 256 x 256, / 255, <= 0.5 -> 0, > 0.5 -> 1) then cas.py:lss.forward
+# (ALPHA 0.5, BATCH_SIZE 40; both channels = the mask, as train.py builds them), float64, on
+# _soft_masks() / _cas_logits(); and lss fed the unbinarised mask / 255 (no released path does this)
+RELEASE_LOADER_LSS = 0.0034385914517590884
+RELEASE_LSS_ON_RAW_MASK = 0.00292140540744238
+
+
+def _soft_masks() -> np.ndarray:
+    """Two 256 x 256 uint8 masks: a disc with an 8-level-per-pixel grey ramp (all 256 levels,
+    127 and 128 included) and its vertical flip."""
+    yy, xx = np.mgrid[0:256, 0:256]
+    m = np.clip((70 - np.hypot(yy - 120, xx - 136)) * 8 + 128, 0, 255).round().astype(np.uint8)
+    return np.stack([m, m[::-1]])
+
+
+def _cas_logits() -> torch.Tensor:
+    return torch.randn(2, 2, 256, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def test_soft_targets_are_binarised_as_the_released_loader_does():
+    masks = _soft_masks()
+    assert (masks == 127).any() and (masks == 128).any()
+    soft = torch.from_numpy(masks.astype(np.float64) / 255.0)
+    ours = CASLoss("official")(_cas_logits(), soft).item()
+    assert ours == pytest.approx(RELEASE_LOADER_LSS, rel=1e-6)
+    assert abs(ours - RELEASE_LSS_ON_RAW_MASK) > 4e-4  # weighting by mask / 255 is not the release
+    # the paper variant sees the same partition: thresholding == passing the binary regions
+    regions = torch.from_numpy((masks > 127).astype(np.int64))
+    paper = CASLoss("paper")
+    torch.testing.assert_close(paper(_cas_logits(), soft), paper(_cas_logits(), regions))
 
 
 def test_boundedness():

@@ -245,3 +245,151 @@ def test_fbr_heads_are_built_as_released():
         largest = float(conv.weight.detach().abs().max())
         assert 0.9 * bound < largest <= bound
     assert type(heads.bg_dropout) is nn.Dropout and heads.bg_dropout.p == 0.5
+
+
+# -- parity with the release (XuYin94/FBR@fd1aeb850e5d704228b1d0537032d2226736e732) ------------------
+# Numbers produced by the release's own code on the seeded inputs below (its code is not part of
+# segexp); the release keeps the background in the last channel, here it is channel 0.
+K_REL = 20
+BG_FIRST = [K_REL, *range(K_REL)]
+# region_utils.py:Bank_contrast_loss.forward on _nroi_inputs() (bank prefilled, enqueue skipped, its
+# np.random.randint replaced by the indices NROIBank.sample_index draws with generator seed 7)
+RELEASE_NROI = 1.7099261283874512
+SEGEXP_NROI_NORMALISED_POSITIVE = 1.664621353149414  # segexp before the fix (L2-normalised positive)
+# module/train.py:get_contrast_loss, the prototype loop (tmp_prototypes1, raw) on _proto_inputs():
+# release channel 2 and channel 20 (background), first three features
+RELEASE_RAW_PROTO = {
+    2: [0.3362080752849579, 0.49917909502983093, 0.1697157323360443],
+    20: [0.6877046823501587, 0.29842913150787354, 0.7056719660758972],
+}
+# module/train.py:get_contrast_loss, ReLU + min-max (values below min + 1e-5 set to 0 first), background
+# := bg_thres 0.10, softmax(cam * label), on _grid_cam() (release order: class 0, class 1, background)
+RELEASE_SCORES = [
+    [[-1.1782443834817968e-05, -1.1782443834817968e-05, -1.1782443834817968e-05],
+     [-1.1782443834817968e-05, 0.999976396560669, 0.8153440952301025],
+     [-1.1782443834817968e-05, -1.1782443834817968e-05, 0.37970682978630066]],
+    [[-0.344606876373291, 0.7546839714050293, 0.7154208421707153],
+     [0.6688320636749268, 0.9999906420707703, 0.5238513350486755],
+     [0.5387571454048157, 0.30394047498703003, 0.6057451963424683]],
+    [[0.10000000149011612] * 3] * 3,
+]
+RELEASE_PROBS = [
+    [[0.3554050326347351, 0.23628662526607513, 0.24094903469085693],
+     [0.2464776337146759, 0.4155251085758209, 0.4471929371356964],
+     [0.261843204498291, 0.28898492455482483, 0.33226683735847473]],
+    [[0.2518070340156555, 0.5025732517242432, 0.4927579462528229],
+     [0.48111921548843384, 0.4155310094356537, 0.33411905169487],
+     [0.4487719237804413, 0.39163362979888916, 0.41653764247894287]],
+    [[0.3927879333496094, 0.2611401677131653, 0.2662930190563202],
+     [0.27240312099456787, 0.1689438819885254, 0.2186880111694336],
+     [0.2893849015235901, 0.3193815052509308, 0.2511955201625824]],
+]
+
+
+def _nroi_inputs():
+    """Raw pixel features (32, 8), raw prototypes (21, 8, release order), 12 raw NROIs, release
+    pseudo labels (classes 2 and 7, background 20) and 7 uncertain pixels."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.rand(32, 8, generator=g) * 2.0
+    protos = torch.rand(K_REL + 1, 8, generator=g) * 3.0 + 0.5
+    bank = torch.randn(12, 8, generator=g)
+    pseudo = torch.full((32,), K_REL)
+    pseudo[:12], pseudo[12:20] = 2, 7
+    uncertain = torch.zeros(32, dtype=torch.bool)
+    uncertain[[0, 3, 5, 7, 12, 13, 17]] = True
+    return feats, protos, bank, pseudo, uncertain
+
+
+def test_nroi_quirks_reproduce_the_release_with_the_raw_prototype():
+    feats, protos, rows, pseudo, uncertain = _nroi_inputs()
+    bank = NROIBank(size=64, dim=8)
+    bank.push(rows)
+    ours_pseudo = torch.where(pseudo == K_REL, 0, pseudo + 1)
+
+    def loss(prototypes):
+        return nroi_contrast_loss(
+            torch.nn.functional.normalize(feats, dim=-1), ours_pseudo, uncertain, prototypes, bank,
+            num_negatives=16, tau=0.5, official_quirks=True, generator=torch.Generator().manual_seed(7),
+        ).item()
+
+    assert loss(protos[BG_FIRST]) == pytest.approx(RELEASE_NROI, rel=1e-6)
+    normalised = torch.nn.functional.normalize(protos, dim=-1)[BG_FIRST]
+    assert loss(normalised) == pytest.approx(SEGEXP_NROI_NORMALISED_POSITIVE, rel=1e-6)
+    assert abs(loss(normalised) - RELEASE_NROI) > 0.04  # the key's scale matters under dim=1
+    # the anchors' scale does not: raw anchors (the release's f_fea) give the same value
+    raw_anchor = nroi_contrast_loss(
+        feats, ours_pseudo, uncertain, protos[BG_FIRST], bank, num_negatives=16, tau=0.5,
+        official_quirks=True, generator=torch.Generator().manual_seed(7),
+    ).item()
+    assert raw_anchor == pytest.approx(RELEASE_NROI, rel=1e-6)
+
+
+def test_raw_class_prototypes_are_the_released_tmp_prototypes():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(2, K_REL + 1, 8, 8, generator=g)  # release order
+    feats = torch.rand(2, 8, 8, 8, generator=g)
+    raw = class_prototypes(feats, scores[:, BG_FIRST], 1 / 16, normalise=False)
+    for rel_c, ours_c in ((2, 3), (20, 0)):
+        assert raw[ours_c, :3].tolist() == pytest.approx(RELEASE_RAW_PROTO[rel_c], rel=1e-6)
+    unit = class_prototypes(feats, scores[:, BG_FIRST], 1 / 16)
+    torch.testing.assert_close(unit, torch.nn.functional.normalize(raw, dim=-1))
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(K_REL + 1))
+
+
+def _grid_cam():
+    g = torch.Generator().manual_seed(0)
+    cam = torch.randn(1, 3, 3, 3, generator=g)  # release order: class 0, class 1, background
+    cam[0, 1] += 2.0  # class 1 positive everywhere: its minimum is > 0
+    return cam, torch.tensor([[1.0, 1.0]])
+
+
+def test_contrast_pseudo_labels_quirks_use_the_released_min_max():
+    cam, labels = _grid_cam()
+    order = [2, 0, 1]  # -> background first
+    rel_scores = torch.tensor(RELEASE_SCORES)[order][None]
+    rel_probs = torch.tensor(RELEASE_PROBS)[order][None]
+    rel_pseudo = torch.tensor(RELEASE_PROBS).argmax(0)
+    rel_pseudo = torch.where(rel_pseudo == 2, 0, rel_pseudo + 1)
+    scores, probs, pseudo = contrast_pseudo_labels(cam[:, order], labels, 0.10, official_quirks=True)
+    torch.testing.assert_close(scores, rel_scores, rtol=0, atol=1e-7)
+    torch.testing.assert_close(probs, rel_probs, rtol=0, atol=1e-7)
+    assert torch.equal(pseudo[0], rel_pseudo)
+    # default: a channel's minimum maps to 0 - class 1's minimum pixel moves by 0.34, labels do not
+    scores0, probs0, pseudo0 = contrast_pseudo_labels(cam[:, order], labels, 0.10)
+    torch.testing.assert_close(scores0, rel_scores.clamp(min=0), rtol=0, atol=1e-7)
+    assert (scores0 - rel_scores).abs().max().item() == pytest.approx(0.344606876373291, rel=1e-6)
+    assert (probs0 - rel_probs).abs().max().item() > 0.05
+    assert torch.equal(pseudo0, pseudo)
+
+
+@pytest.mark.parametrize("quirks", [False, True])
+def test_method_passes_the_raw_prototype_to_the_nroi_term_only_under_quirks(quirks, monkeypatch):
+    import segexp.methods.fbr as fbr_module
+    from segexp.methods.fbr import FBR
+    from segexp.models.backbone import Backbone
+    from segexp.models.fbr import FBRNet
+
+    seen = []
+    real = fbr_module.nroi_contrast_loss
+
+    def spy(feats, pseudo, uncertain, prototypes, *args, **kwargs):
+        seen.append(prototypes)
+        return real(feats, pseudo, uncertain, prototypes, *args, **kwargs)
+
+    monkeypatch.setattr(fbr_module, "nroi_contrast_loss", spy)
+    torch.manual_seed(0)
+    net = FBRNet(Backbone("resnet18", output_stride=8), num_classes=4, background_first=True, pcm={})
+    weights = {k: 0.0 for k in ("cls", "er", "ecr", "amp", "sim", "bg_seg", "fg")} | {"nroi": 1.0}
+    m = FBR(model=net, num_classes=4, class_names=list("abcd"), schedule={}, weights=weights,
+            official_quirks=quirks, contrast_size=8, bank_size=64, entropy_rate=0.0, bg_score=0.5)
+    views = m._views(torch.randn(2, 3, 64, 64))
+    labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    grids = m.contrast_grids(views, labels)
+    for out, grid, bank in zip(views, grids, m.banks):
+        m._fbr_terms(out, grid, labels, bank)
+    assert len(seen) == 2
+    for protos, grid in zip(seen, grids):
+        want = grid.raw_prototypes if quirks else grid.prototypes
+        assert protos is want
+        unit = torch.nn.functional.normalize(grid.raw_prototypes, dim=-1)
+        torch.testing.assert_close(grid.prototypes, unit)

@@ -45,6 +45,60 @@ def test_released_decoupling_on_a_worked_mask():
     np.testing.assert_array_equal(d2, detail)
 
 
+# weijun88/LDF@d49ff024c528a6e2bfea0021120df0a3df716049 utils.py:split_map on _soft_mask() written to and
+# read back from PNG (cv2.imread(.., 0)); body / detail as its cv2.imwrite stores them (uint8, saturated)
+RELEASE_SOFT_BODY_ROW9 = [0, 0, 90, 127, 156, 180, 201, 217, 231, 248, 254, 255, 254, 248, 231, 217, 201, 180,
+                          156, 127, 90, 0]
+RELEASE_SOFT_DETAIL_ROW9 = [0, 0, 0, 0, 0, 0, 0, 0, 24, 7, 1, 0, 1, 7, 24, 0, 0, 0, 0, 0, 0, 0]
+RELEASE_SOFT_BODY_ROW0 = [156, 127, 90] + [0] * 19
+RELEASE_SOFT_SUMS = {"body": 37382, "detail": 682, "body_px": 246, "detail_px": 32}
+
+
+def _soft_mask() -> np.ndarray:
+    """18 x 22 uint8: an ellipse with a grey ramp on its boundary and one faint pixel (40) at (0, 0)."""
+    yy, xx = np.mgrid[0:18, 0:22]
+    r = np.hypot(yy - 9.0, (xx - 11.0) / 1.3)
+    m = np.clip((4.0 - r) * 80 + 128, 0, 255).round().astype(np.uint8)
+    m[0, 0] = 40
+    return m
+
+
+@pytest.mark.parametrize("as_float", [False, True])
+def test_raw_soft_masks_reproduce_the_released_split_map(as_float):
+    mask = _soft_mask()
+    body, detail = dec.split_map_code(mask / 255.0 if as_float else mask, soft_masks="raw")
+    assert body[9].tolist() == RELEASE_SOFT_BODY_ROW9 and detail[9].tolist() == RELEASE_SOFT_DETAIL_ROW9
+    assert body[0].tolist() == RELEASE_SOFT_BODY_ROW0  # the faint pixel is foreground for the release
+    sums = {"body": int(body.sum()), "detail": int(detail.sum()),
+            "body_px": int((body > 0).sum()), "detail_px": int((detail > 0).sum())}
+    assert sums == RELEASE_SOFT_SUMS
+    # the default cuts the mask at 0.5 first (the paper's binary mask): other maps
+    b0, d0 = dec.split_map_code(mask / 255.0 if as_float else mask)
+    np.testing.assert_array_equal(b0, dec.split_map_code(mask > 127)[0])
+    assert b0[0].tolist() == [0] * 22 and np.abs(b0.astype(int) - body).max() == 156
+    assert np.abs(d0.astype(int) - detail).max() == 83
+    with pytest.raises(ValueError, match="soft_masks"):
+        dec.decouple(mask, "code", "nope")
+
+
+def test_wrapper_decouples_raw_soft_masks_when_told(tmp_path):
+    class Reader(torch.utils.data.Dataset):
+        name = "soft"
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return {"image": np.zeros((18, 22, 3), np.uint8), "saliency": _soft_mask() / 255.0,
+                    "meta": {"id": "s"}}
+
+    raw = LDFLabels(Reader(), source="code", cache_dir=tmp_path, soft_masks="raw")[0]
+    assert np.rint(raw["body"][9] * 255).astype(int).tolist() == RELEASE_SOFT_BODY_ROW9
+    assert np.rint(raw["detail"][9] * 255).astype(int).tolist() == RELEASE_SOFT_DETAIL_ROW9
+    cut = LDFLabels(Reader(), source="code", cache_dir=tmp_path)[0]
+    assert cut["body"][0, 0] == 0 and raw["body"][0, 0] > 0
+
+
 def test_paper_decoupling_has_no_halo_and_a_linear_profile():
     mask = _worked_mask()
     body, detail = dec.split_map_paper(mask)
@@ -84,13 +138,21 @@ def test_wrapper_maps_survive_augmentation_and_the_stage_cache(tmp_path, monkeyp
     np.testing.assert_allclose(out["body"][:16, :16].numpy() * 255, body[:, ::-1], atol=1e-4)
     np.testing.assert_allclose(out["detail"][:16, :16].numpy() * 255, detail[:, ::-1], atol=1e-4)
     assert out["body"].dtype == torch.float32 and out["body"][16:].abs().sum() == 0
-    monkeypatch.setattr(dec, "decouple", lambda *a, **k: pytest.fail("cache miss"))
+    import segexp.stages.ldf_maps as ldf_maps
+
+    monkeypatch.setattr(ldf_maps, "decouple", lambda *a, **k: pytest.fail("cache miss"))  # the name it calls
     again = LDFLabels(Reader(), source="code", cache_dir=tmp_path)[0]  # served from the cache
     for key in dec.MAP_KEYS:
         np.testing.assert_array_equal(again[key], first[key])
     # another decoupling is another cache directory
     assert LDFLabels(Reader(), source="paper", cache_dir=tmp_path).cache.dir != \
         LDFLabels(Reader(), source="code", cache_dir=tmp_path).cache.dir
+    raw = LDFLabels(Reader(), source="code", cache_dir=tmp_path, soft_masks="raw")
+    assert raw.cache.dir != LDFLabels(Reader(), source="code", cache_dir=tmp_path).cache.dir
+    assert LDFLabels(Reader(), source="code", cache_dir=tmp_path, soft_masks="threshold").cache.dir == \
+        LDFLabels(Reader(), source="code", cache_dir=tmp_path).cache.dir  # the default keeps its cache
+    with pytest.raises(ValueError, match="soft_masks"):
+        LDFLabels(Reader(), source="code", cache_dir=tmp_path, soft_masks="nope")
     with pytest.raises(ValueError, match="coarse_ckpt"):
         LDFLabels(Reader(), source="coarse", cache_dir=tmp_path)
 

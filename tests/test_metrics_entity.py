@@ -45,6 +45,30 @@ def test_ignore_and_background():
     assert m["pred_ids"].tolist() == [4]
 
 
+def test_background_zero_is_not_a_segment_by_default():
+    """Bottom-up protocol (shared/methods/bottomup.md s.2, s.7): the unlabeled id 0 is not an
+    entity - recall and mIoU run over the labeled GT segments only."""
+    gt = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 2, 2]])
+    pred = torch.tensor([[5, 5, 5, 5], [5, 6, 6, 5], [5, 6, 6, 5], [5, 5, 5, 5]])
+    # GT 1 = pred 6 exactly; GT 2 (2 px) lies inside pred 5 (12 px): IoU 2/12
+    r = EntityMetrics(boundary=False)
+    r.update(pred, gt)
+    out = r.compute()
+    assert out["num_gt_segments"] == 2
+    assert out["recall@0.5"] == 0.5 and out["mIoU"] == pytest.approx((1 + 2 / 12) / 2)
+    # told otherwise, the 10-pixel background is a third GT segment (best match pred 5: IoU 10/12)
+    r0 = EntityMetrics(boundary=False, gt_background=None, pred_background=None)
+    r0.update(pred, gt)
+    out0 = r0.compute()
+    assert out0["num_gt_segments"] == 3
+    assert out0["recall@0.5"] == pytest.approx(2 / 3)
+    assert out0["mIoU"] == pytest.approx((10 / 12 + 1 + 2 / 12) / 3)
+    # a predicted 0 is "no segment": a GT entity covered only by 0s is missed
+    r1 = EntityMetrics(boundary=False)
+    r1.update(torch.where(pred == 6, 0, pred), gt)
+    assert r1.compute()["mIoU"] == pytest.approx((0 + 2 / 12) / 2)
+
+
 def test_iou_matrix_loop_oracle():
     rng = np.random.default_rng(0)
     gt = rng.integers(0, 5, (12, 15)) * 10
@@ -71,7 +95,7 @@ def test_boundary_iou_matrix_equals_pairwise_masks():
     for i, a in enumerate(m["gt_ids"].tolist()):
         for j, c in enumerate(m["pred_ids"].tolist()):
             assert b[i, j].item() == pytest.approx(boundary_iou(gt == a, pred == c)), (a, c)
-    em = EntityMetrics()
+    em = EntityMetrics(gt_background=None, pred_background=None)  # id 0 is a GT segment here
     em.update(pred_t, gt_t)
     best = m["iou"].argmax(1)
     want = np.mean([boundary_iou(gt == a, pred == m["pred_ids"][best[i]].item())

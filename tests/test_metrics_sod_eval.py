@@ -67,3 +67,40 @@ def test_missing_prediction_names_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="im0"):
         sod_eval.main(["--pred-root", str(tmp_path / "pred"), "--gt-root", str(tmp_path / "gt"),
                        "--methods", "M1", "--datasets", "DS2", "--out", str(tmp_path / "o")])
+
+
+def test_16_bit_maps_are_read_at_full_precision(tmp_path):
+    """A 16-bit PNG map is scored as ``v / 65535`` stretched per image (the uint8 path's min-max),
+    not as its high byte; 8-bit maps in the same folder keep the uint8 path."""
+    gt = np.zeros((30, 40), np.uint8)
+    gt[8:22, 10:30] = 255
+    rng = np.random.default_rng(3)
+    # all values below 256: an 8-bit reader would see a constant 0 map
+    pred16 = (gt.astype(np.float64) / 255 * 150 + rng.random(gt.shape) * 100 + 3).astype(np.uint16)
+    pred8 = np.clip(gt * 0.6 + rng.random(gt.shape) * 90, 0, 255).astype(np.uint8)
+    for d in ("gt/DS", "pred/M/DS"):
+        (tmp_path / d).mkdir(parents=True)
+    for stem in ("a", "b"):
+        cv2.imwrite(str(tmp_path / "gt" / "DS" / f"{stem}.png"), gt)
+    assert cv2.imwrite(str(tmp_path / "pred" / "M" / "DS" / "a.png"), pred16)
+    cv2.imwrite(str(tmp_path / "pred" / "M" / "DS" / "b.png"), pred8)
+    back = cv2.imread(str(tmp_path / "pred" / "M" / "DS" / "a.png"), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint16 and np.array_equal(back, pred16)
+    res = sod_eval.evaluate(tmp_path / "pred" / "M" / "DS", tmp_path / "gt" / "DS")
+
+    x = pred16 / 65535.0
+    want = SODMetrics()
+    want.update(((x - x.min()) / (x.max() - x.min()))[None], gt[None])
+    want.update(pred8[None], gt[None])
+    want = want.compute()
+    for k in sod_eval.TABLE_METRICS:
+        assert res[k] == pytest.approx(want[k], abs=1e-12), k
+    high_byte = SODMetrics()
+    high_byte.update((pred16 >> 8).astype(np.uint8)[None], gt[None])
+    high_byte.update(pred8[None], gt[None])
+    high_byte = high_byte.compute()
+    assert res["maxF"] - high_byte["maxF"] > 0.3 and res["S"] - high_byte["S"] > 0.2
+    # a 16-bit map of another size is resized to its GT and stays in [0, 1]
+    cv2.imwrite(str(tmp_path / "pred" / "M" / "DS" / "a.png"), cv2.resize(pred16, (20, 15)))
+    small = sod_eval.evaluate(tmp_path / "pred" / "M" / "DS", tmp_path / "gt" / "DS")
+    assert 0 <= small["MAE"] <= 1 and small["maxF"] > 0.5

@@ -202,3 +202,44 @@ def test_resnet38d_loads_a_converted_state_dict(tmp_path):
     assert [f.shape[-1] for f in feats] == [16, 8, 4, 4, 4]
     with pytest.raises(ValueError, match="output_stride"):
         build_backbone(output_stride=16)
+
+
+# Release numbers: YudeWang/SEAM@3212261b9d008581576b8b5429e32413d892c10b infer_SEAM.py:72-77 (the
+# normalisation of ``sum_cam``: negatives to 0, values below min + 1e-5 to 0, then
+# (s - min - 1e-5) / (max - min + 1e-5)), run on :func:`_summed_cam` (channels 0, 1, 2).
+SEAM_RELEASE_NORM = [
+    [[-4.956049673472289e-06, -4.956049673472289e-06, -4.956049673472289e-06, 0.49535684508990113],
+     [-4.956049673472289e-06, -4.956049673472289e-06, -4.956049673472289e-06, -4.956049673472289e-06],
+     [-4.956049673472289e-06, 0.7551144447691545, 0.16040282844133869, 0.999990087900653]],
+    [[0.987350380971184, 0.015861261169280744, 0.5496978625633995, 0.6593332262534815],
+     [0.5834691126558229, 0.2599468871986285, 0.0018629625458043474, 0.22142799150168513],
+     [-0.7132288188856611, 0.0600010128814144, 0.9999917761840074, 0.9012018447633298]],
+    [[-1.0] * 4] * 3,
+]
+
+
+def _summed_cam() -> torch.Tensor:
+    """A summed CAM (1, 3, 3, 4): channel 0 with negatives (min 0 after ReLU), channel 1 all
+    positive (min > 0), channel 2 label-masked to 0 (an absent class)."""
+    g = torch.Generator().manual_seed(0)
+    cam = torch.randn(1, 3, 3, 4, generator=g, dtype=torch.float64)
+    cam[0, 1] += 3.0
+    cam[0, 2] = 0.0
+    return cam
+
+
+def test_cam_norm_minmax_release_reproduces_infer_seam_and_minmax_clamps_the_minimum():
+    from segexp.methods.cam import normalise_cams
+
+    release = torch.tensor(SEAM_RELEASE_NORM, dtype=torch.float64)[None]
+    cam = _summed_cam()
+    torch.testing.assert_close(normalise_cams(cam, "minmax_release"), release, rtol=0, atol=1e-12)
+    # the default min-max maps each channel's minimum to 0 (and an absent class to 0, not -1);
+    # every other pixel is the release's value
+    ours = normalise_cams(cam, "minmax")
+    torch.testing.assert_close(ours, release.clamp(min=0), rtol=0, atol=1e-12)
+    assert (ours - release).abs().max().item() == pytest.approx(1.0)  # the absent class
+    assert release[0, 1].min().item() == pytest.approx(-0.7132288188856611)  # min > 0: far below 0
+    assert ours.flatten(2).amin(-1).tolist() == [[0.0, 0.0, 0.0]]
+    # training's max_norm (tool/visualization.py) clamps too: it is the default's arithmetic
+    torch.testing.assert_close(max_norm(cam), ours, rtol=0, atol=1e-12)

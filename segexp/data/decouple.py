@@ -14,6 +14,16 @@ clipped to 0. ``split_map_paper`` is the paper's form: Euclidean distance of eac
 to the nearest background pixel, normalised to [0, 255] (no blur, no square root), detail = mask -
 body. Both return uint8 maps (the loaders divide by 255).
 
+Soft masks (``soft_masks``; DUTS-TR masks carry anti-aliased grey levels on their boundaries):
+
+* ``threshold`` (default; the paper's binary ground truth I): the mask is cut at 0.5 (uint8
+  ``> 127``) first, so the maps depend on the partition only;
+* ``raw`` (the release): ``split_map`` reads the PNG with ``cv2.imread(.., 0)`` and decouples it as
+  it is - every non-zero grey pixel of the blurred mask counts as foreground for the distance
+  transform, and the detail is ``mask - body`` on the grey levels. Float masks in [0, 1] are taken
+  back to 0..255 by rounding ``mask * 255`` (exact for maps read as ``uint8 / 255``). The LDF loader
+  (``train-*/dataset.py``) does not binarise either: it divides mask, body and detail by 255.
+
 ``edge_map`` (for the Body+Edge / Sal+Edge rows of the supervision table) is not specified in the
 sources; we take the mask's morphological gradient (dilation - erosion) with a 3x3 square kernel, i.e. the
 pixels within one pixel of the boundary on either side, 0/255 (the method computes the same band
@@ -36,24 +46,46 @@ import cv2
 import numpy as np
 
 __all__ = [
-    "split_map_code", "split_map_paper", "edge_map", "decouple", "as_uint8_mask", "SOURCES", "MAP_KEYS",
+    "split_map_code", "split_map_paper", "edge_map", "decouple", "as_uint8_mask", "as_uint8_levels",
+    "SOURCES", "MAP_KEYS", "SOFT_MASKS",
 ]
 
 SOURCES = ("code", "paper", "coarse")
 MAP_KEYS = ("body", "detail")
+SOFT_MASKS = ("threshold", "raw")
 
 
 def as_uint8_mask(mask: np.ndarray) -> np.ndarray:
-    """float [0,1] / bool / uint8 -> uint8 0/255 (binarised at 0.5, as the LDF loader reads masks)."""
+    """float [0,1] / bool / uint8 -> uint8 0/255, binarised at 0.5 (uint8 ``> 127``): the paper's
+    binary mask (``soft_masks: threshold``; the released code does not binarise, see the module doc)."""
     m = np.asarray(mask)
     if m.dtype == np.uint8 and m.max() > 1:
         return np.where(m > 127, 255, 0).astype(np.uint8)
     return np.where(m.astype(np.float32) > 0.5, 255, 0).astype(np.uint8)
 
 
-def split_map_code(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Released LDF decoupling of one mask -> (body, detail) uint8."""
-    mask = as_uint8_mask(mask)
+def as_uint8_levels(mask: np.ndarray) -> np.ndarray:
+    """float [0,1] / bool / uint8 -> uint8 grey levels 0..255 kept as they are (``soft_masks: raw``):
+    uint8 unchanged (a 0/1 mask becomes 0/255), bool -> 0/255, float -> ``round(mask * 255)``."""
+    m = np.asarray(mask)
+    if m.dtype == np.uint8:
+        return m * np.uint8(255) if m.max() <= 1 else m.copy()
+    if m.dtype == bool:
+        return np.where(m, 255, 0).astype(np.uint8)
+    return np.clip(np.rint(m.astype(np.float64) * 255), 0, 255).astype(np.uint8)
+
+
+def _mask_levels(mask: np.ndarray, soft_masks: str) -> np.ndarray:
+    if soft_masks == "threshold":
+        return as_uint8_mask(mask)
+    if soft_masks == "raw":
+        return as_uint8_levels(mask)
+    raise ValueError(f"unknown soft_masks {soft_masks!r}; choose one of {SOFT_MASKS}")
+
+
+def split_map_code(mask: np.ndarray, soft_masks: str = "threshold") -> tuple[np.ndarray, np.ndarray]:
+    """Released LDF decoupling of one mask -> (body, detail) uint8 (``soft_masks``: module doc)."""
+    mask = _mask_levels(mask, soft_masks)
     body = cv2.blur(mask, (5, 5))
     body = cv2.distanceTransform(body, distanceType=cv2.DIST_L2, maskSize=5)
     body = body**0.5
@@ -64,9 +96,10 @@ def split_map_code(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return body.astype(np.uint8), np.clip(detail, 0, 255).astype(np.uint8)
 
 
-def split_map_paper(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Paper decoupling: plain Euclidean distance transform normalised to [0, 255]."""
-    mask = as_uint8_mask(mask)
+def split_map_paper(mask: np.ndarray, soft_masks: str = "threshold") -> tuple[np.ndarray, np.ndarray]:
+    """Paper decoupling: plain Euclidean distance transform normalised to [0, 255] (``raw``: distance
+    of every non-zero pixel to the nearest zero one, detail = grey mask - body)."""
+    mask = _mask_levels(mask, soft_masks)
     body = cv2.distanceTransform(mask, distanceType=cv2.DIST_L2, maskSize=cv2.DIST_MASK_PRECISE)
     if body.max() > 0:
         body = np.floor(body / body.max() * 255)
@@ -81,9 +114,11 @@ def edge_map(mask: np.ndarray, width: int = 1) -> np.ndarray:
     return cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, kernel)
 
 
-def decouple(mask: np.ndarray, mode: str = "code") -> tuple[np.ndarray, np.ndarray]:
+def decouple(
+    mask: np.ndarray, mode: str = "code", soft_masks: str = "threshold"
+) -> tuple[np.ndarray, np.ndarray]:
     if mode == "code":
-        return split_map_code(mask)
+        return split_map_code(mask, soft_masks)
     if mode == "paper":
-        return split_map_paper(mask)
+        return split_map_paper(mask, soft_masks)
     raise ValueError(f"unknown decoupling {mode!r}; choose 'code' or 'paper'")

@@ -32,6 +32,14 @@ uploaded as ``m_loss2.py``, deleted in a4c3e06),
   over the whole image weighted by g / gbar, uniformer on the foreground only
   (``sum_x g^2 (s - mean_fg)^2 / (sum_x g + eps)``), the FG/BG pair counted once, and the batch
   *sum* divided by a constant (``BATCH_SIZE = 40`` in ``config.py``). Not symmetric in FG/BG.
+
+Soft (float) targets, both variants: binarised at ``threshold`` (0.5, strictly above = foreground)
+before the loss. This is the release's pipeline: ``dataset.py : saliencydata.load_mask`` divides the
+mask by 255 and sets ``<= 0.5`` to 0 and ``> 0.5`` to 1, so ``lss`` only ever sees binary masks.
+``lss`` itself would weight pixels by a soft mask (``g = m + eps``), but no released code path feeds
+it one, so segexp has no such mode; the poster's partition is binary too. Checked in
+``tests/test_cas.py`` against the release's loader + ``lss`` on a soft 256 x 256 mask (equal to
+2e-10; ``lss`` on the raw ``mask / 255`` would differ by 5e-4 there).
 """
 
 from __future__ import annotations
@@ -118,7 +126,8 @@ class CASLoss(nn.Module):
     """CAS loss on logits: softmax over channels, regions from the target.
 
     ``forward(logits, target, valid=None)``: ``target`` is either a float saliency map in [0, 1]
-    (binarised at ``threshold``: regions FG/BG) or an integer partition (B, H, W); ``valid`` marks
+    (binarised at ``threshold``, ``> threshold`` = FG, as the released loader does: regions FG/BG)
+    or an integer partition (B, H, W); ``valid`` marks
     pixels that belong to a region (padding excluded). The ``official`` variant needs a binary target
     and ignores ``valid`` (the released code has no padding).
     """

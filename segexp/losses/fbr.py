@@ -27,7 +27,14 @@ Pieces, in the order a step uses them (released file:function in brackets):
 
 ``official_quirks`` (the released behaviour) in :func:`contrast_logits`: anchors detached and the
 cosine taken over ``dim=1`` - across the 1 + K keys, separately per feature channel - which turns the
-"logits" into a (Q, D) matrix and the cross-entropy into one over D pseudo-classes.
+"logits" into a (Q, D) matrix and the cross-entropy into one over D pseudo-classes. That cosine is
+not invariant to the scale of each key, so the positive key matters as given: the release passes
+the *raw* prototype (``tmp_prototypes``, :func:`class_prototypes` with ``normalise=False``) next to
+raw NROI centroids, and the method hands that one to :func:`nroi_contrast_loss` under quirks (the
+L2-normalised one otherwise; the faithful cosine over D does not see the scale). The anchors' scale
+does not matter in either mode. The released term has no gradient, so this moves the logged value
+only (``tests/test_fbr.py`` holds the release's number). In :func:`contrast_pseudo_labels` quirks
+mode uses the released min-max arithmetic (pixels at a channel's minimum slightly below 0).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from segexp.losses.seam import max_norm, max_onehot, ohem_mean, with_background
+from segexp.losses.seam import max_norm, max_onehot, ohem_mean, released_min_max, with_background
 from segexp.utils.kmeans import kmeans
 
 __all__ = [
@@ -64,15 +71,22 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
 # -- pseudo labels, query pixels, prototypes ------------------------------------------------------
 @torch.no_grad()
 def contrast_pseudo_labels(
-    cam: torch.Tensor, labels: torch.Tensor, bg_score: float = 0.10
+    cam: torch.Tensor, labels: torch.Tensor, bg_score: float = 0.10, official_quirks: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``cam`` (N, 1+K, h, w), background first; ``labels`` (N, K) multi-hot.
 
     Returns ``scores`` (foreground min-max normalised, background = ``bg_score``), ``probs`` =
     softmax over channels of ``scores * [1, labels]`` (absent classes score 0 but stay in the
     softmax, as released) and the hard ``pseudo`` labels (N, h, w) = its argmax.
+
+    Min-max: by default SEAM's :func:`~segexp.losses.seam.max_norm` (a channel's minimum maps to
+    0); ``official_quirks`` the released arithmetic (:func:`~segexp.losses.seam.released_min_max`:
+    pixels within 1e-5 of the minimum get ``-(min + 1e-5) / (max - min + 1e-5)``), which moves
+    ``probs`` (hence the entropy of uncertain pixels) and, where a class has fewer than k positive
+    scores in the batch, its prototype; the pseudo labels are the same (the background's positive
+    score beats 0 and any negative score alike).
     """
-    fg = max_norm(cam[:, 1:].detach())
+    fg = (released_min_max if official_quirks else max_norm)(cam[:, 1:].detach())
     scores = torch.cat([torch.full_like(fg[:, :1], bg_score), fg], 1)
     lab = torch.cat([torch.ones_like(labels[:, :1]), labels], 1).to(scores)[..., None, None]
     probs = F.softmax(scores * lab, 1)
@@ -113,17 +127,22 @@ def uncertain_mask(
 
 
 @torch.no_grad()
-def class_prototypes(feats: torch.Tensor, scores: torch.Tensor, top_fraction: float = 1 / 16) -> torch.Tensor:
-    """(C, D) L2-normalised prototypes: for each channel c of ``scores`` (N, C, h, w), the
-    score-weighted mean of ``feats`` (N, D, h, w) over the ``k = int(h * w * top_fraction)`` highest
-    scores of c in the whole batch (released: ``k = hw // 16``)."""
+def class_prototypes(
+    feats: torch.Tensor, scores: torch.Tensor, top_fraction: float = 1 / 16, normalise: bool = True
+) -> torch.Tensor:
+    """(C, D) prototypes: for each channel c of ``scores`` (N, C, h, w), the score-weighted mean of
+    ``feats`` (N, D, h, w) over the ``k = int(h * w * top_fraction)`` highest scores of c in the
+    whole batch (released: ``k = hw // 16``), L2-normalised unless ``normalise=False`` (the
+    release's ``tmp_prototypes``, which its NROI and FG terms receive). A channel whose k scores
+    sum to 0 gives a zero prototype."""
     n, d, h, w = feats.shape
     f = feats.detach().permute(0, 2, 3, 1).reshape(-1, d)
     s = scores.detach().transpose(0, 1).reshape(scores.shape[1], -1)
     k = max(1, int(h * w * top_fraction))
     top_v, top_i = s.topk(min(k, s.shape[1]), dim=-1)
-    proto = (top_v[..., None] * f[top_i]).sum(1) / top_v.sum(1, keepdim=True).clamp(min=1e-12)
-    return F.normalize(proto, dim=-1)
+    weight = top_v.sum(1, keepdim=True)
+    proto = (top_v[..., None] * f[top_i]).sum(1) / torch.where(weight == 0, torch.ones_like(weight), weight)
+    return F.normalize(proto, dim=-1) if normalise else proto
 
 
 @torch.no_grad()
@@ -189,7 +208,8 @@ def nroi_contrast_loss(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Pixel-to-NROI contrast. ``feats`` (P, D) query-space features of all pixels (with gradient),
-    ``pseudo``/``uncertain`` (P,), ``prototypes`` (C, D), ``bank`` an
+    ``pseudo``/``uncertain`` (P,), ``prototypes`` (C, D) (L2-normalised; the raw ones to reproduce the
+    release under ``official_quirks``), ``bank`` an
     :class:`~segexp.models.fbr.NROIBank`. Mean over the present foreground classes of the InfoNCE of
     that class's uncertain pixels (classes without such pixels add 0 but count, as released)."""
     classes = [c for c in pseudo.unique().tolist() if c != bg_index]

@@ -108,7 +108,8 @@ def eps_saliency_loss(
 class ContrastGrid:
     """One view on the contrast grid. ``f_proj`` (N, D, s, s) keeps its gradient; the rest is
     detached: ``scores``/``probs`` (N, 1+K, s, s), ``pseudo`` (N, s, s), ``prototypes`` (1+K, D)
-    L2-normalised; ``b_proj`` (NROI features) when the model has FBR's background branch."""
+    L2-normalised and ``raw_prototypes`` before the normalisation (the release's
+    ``tmp_prototypes``); ``b_proj`` (NROI features) when the model has FBR's background branch."""
 
     f_proj: torch.Tensor
     scores: torch.Tensor
@@ -116,6 +117,7 @@ class ContrastGrid:
     pseudo: torch.Tensor
     prototypes: torch.Tensor
     b_proj: torch.Tensor | None = None
+    raw_prototypes: torch.Tensor | None = None
 
 
 def contrast_grid(
@@ -124,22 +126,27 @@ def contrast_grid(
     size: int = 16,
     bg_score: float = 0.10,
     top_fraction: float = 1 / 16,
+    official_quirks: bool = False,
 ) -> ContrastGrid:
     """Resize ``f_proj`` / ``b_proj`` / the PCM output ``cam_rv`` of a view to ``size`` x ``size``
-    (bilinear, align_corners) and derive pseudo labels and prototypes (``get_contrast_loss``)."""
+    (bilinear, align_corners) and derive pseudo labels and prototypes (``get_contrast_loss``;
+    ``official_quirks``: its min-max arithmetic, see
+    :func:`~segexp.losses.fbr.contrast_pseudo_labels`)."""
 
     def grid(x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, (size, size), mode="bilinear", align_corners=True)
 
     f_proj = grid(out["f_proj"])
-    scores, probs, pseudo = contrast_pseudo_labels(grid(out["cam_rv"]), labels, bg_score)
+    scores, probs, pseudo = contrast_pseudo_labels(grid(out["cam_rv"]), labels, bg_score, official_quirks)
+    raw = class_prototypes(f_proj, scores, top_fraction, normalise=False)
     return ContrastGrid(
         f_proj=f_proj,
         scores=scores,
         probs=probs,
         pseudo=pseudo,
-        prototypes=class_prototypes(f_proj, scores, top_fraction),
+        prototypes=F.normalize(raw, dim=-1),
         b_proj=grid(out["b_proj"]) if "b_proj" in out else None,
+        raw_prototypes=raw,
     )
 
 

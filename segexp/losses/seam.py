@@ -40,9 +40,10 @@ def released_min_max(p: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     pseudo-label code writes it (SEAM ``infer_SEAM.py:72-77``, FBR/PPC ``module/train.py:
     get_contrast_loss``): pixels below ``min + eps`` are set to 0 *before* ``(p - min - eps) /
     (max - min + eps)``, so they end at ``-(min + eps) / (max - min + eps)`` - slightly below 0
-    when the minimum is 0, -1 on a constant channel. :func:`max_norm` (and segexp's default
-    min-max) maps them to 0, as a min-max normalisation does by definition; everything else is
-    equal."""
+    when the minimum is 0 (after the ReLU, the usual case), well below 0 when every value is
+    positive (-0.71 in ``tests/test_seam.py``), -1 on a constant channel (an absent, label-masked
+    class). :func:`max_norm` (and segexp's default min-max) maps them to 0, as a min-max
+    normalisation does by definition; every other pixel is equal."""
     p = F.relu(p)
     flat = p.flatten(2)
     pmax = flat.amax(-1)[..., None, None]

@@ -103,7 +103,8 @@ class BottomUpSegmentation(SegMethod):
         entity_args = dict(
             iou_thresholds=tuple(m.get("iou_thresholds", (0.5,))),
             ignore_index=self.ignore_index,
-            gt_background=0,
+            gt_background=0,  # unlabeled: never an entity (paper protocol)
+            pred_background=0,  # outside the valid area (segment() gives ids 1..K inside)
             dilation_ratio=float(m.get("dilation_ratio", 0.02)),
             boundary=bool(m.get("boundary", True)),
         )

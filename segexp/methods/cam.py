@@ -14,8 +14,16 @@ Also the base of every image-level CAM method (SEAM, SC-CAM, ...): it owns
   the network recognises the classes at all.
 
 Normalisations (``cam_norm``): ``max`` = psa/AffinityNet ``infer_cls.py`` (ReLU per pass, sum,
-divide by max + 1e-5); ``minmax`` = SEAM ``infer_SEAM.py:72-77`` (sum, ReLU, (s - min - 1e-5) /
-(max - min + 1e-5), values below min + 1e-5 set to 0).
+divide by max + 1e-5); ``minmax`` (SEAM's default) = a min-max normalisation as defined - the
+minimum maps to 0, the maximum to ~1 - with SEAM's epsilon and the arithmetic of its training
+``max_norm`` (sum, ReLU, ``max(s - min - 1e-5, 0) / (max - min + 1e-5)``); ``minmax_release`` = the
+arithmetic of SEAM's ``infer_SEAM.py:72-77`` (YudeWang/SEAM@3212261b) for release parity: values
+below min + 1e-5 are set to 0 *before* subtracting the minimum, so those pixels end at
+``-(min + 1e-5) / (max - min + 1e-5)`` instead of 0 - about ``-1e-5 / max`` where the minimum is
+0, well below 0 where every value is positive, -1 on every pixel of a label-masked (absent)
+class; all other pixels are equal (:func:`~segexp.losses.seam.released_min_max`;
+``tests/test_seam.py`` holds the release's numbers). Hard labels at a positive background score
+are the same under both; soft scores (CRF, random walk) see the negative values.
 """
 
 from __future__ import annotations
@@ -29,12 +37,13 @@ from torch import nn
 from torchmetrics.classification import MultilabelF1Score
 
 from segexp.losses.cam import gap_logits, multilabel_soft_margin
+from segexp.losses.seam import released_min_max
 from segexp.methods.base import SegMethod
 from segexp.metrics.cam import CAMThresholdCurve
 
 __all__ = ["CAMMethod", "normalise_cams", "sum_over_passes", "CAM_NORMS"]
 
-CAM_NORMS = ("max", "minmax")
+CAM_NORMS = ("max", "minmax", "minmax_release")
 
 
 def normalise_cams(summed: torch.Tensor, mode: str = "max", eps: float = 1e-5) -> torch.Tensor:
@@ -47,6 +56,8 @@ def normalise_cams(summed: torch.Tensor, mode: str = "max", eps: float = 1e-5) -
         smin = s.flatten(2).amin(-1)[..., None, None]
         smax = s.flatten(2).amax(-1)[..., None, None]
         return ((s - smin - eps) / (smax - smin + eps)).clamp(min=0)
+    if mode == "minmax_release":
+        return released_min_max(summed, eps)
     raise ValueError(f"cam_norm must be one of {CAM_NORMS}, got {mode!r}")
 
 

@@ -25,7 +25,7 @@ pixels in the pre-BN ``proj_bg`` space pushed into that view's FIFO bank (one ba
 released); the FBR terms are averaged over the two views.
 
 Paper-faithful (default) vs ``official_quirks: true``. Reading the released code
-(``XuYin94/FBR@fd1aeb85``, see ``/shared/methods/fbr.md`` section 5) shows three behaviours that
+(``XuYin94/FBR@fd1aeb85``, see ``/shared/methods/fbr.md`` section 5) shows five behaviours that
 differ from the paper's description:
 
 1. the pixel-to-NROI loss gets its anchors from ``f_proj.detach()`` built under ``no_grad`` - it
@@ -35,12 +35,18 @@ differ from the paper's description:
 3. the PPC model puts the background in the last channel, but the inherited ``max_onehot`` of ECR
    keeps channel 0 - the first foreground class is never zeroed and the real background competes
    in the foreground argmax of the ECR targets (a property of the released PPC base itself:
-   :class:`~segexp.methods.ppc.ReleasedECRSlip`, shared by both bases).
+   :class:`~segexp.methods.ppc.ReleasedECRSlip`, shared by both bases);
+4. the NROI positive key is the *raw* prototype (``tmp_prototypes``), not the L2-normalised one,
+   beside raw NROI centroids; with the cosine of 2. the keys' scales matter, so this changes the
+   (gradient-free, hence logged-only) NROI value;
+5. the contrast-grid min-max leaves pixels at a channel's minimum at ``-(min + 1e-5) / (max - min
+   + 1e-5)`` instead of 0 (:func:`~segexp.losses.seam.released_min_max`; same pseudo labels).
 
 Faithful mode computes the NROI contrast on non-detached L2-normalised ``proj_fg`` features of the
-uncertain pixels with the cosine over the feature dimension of each key, and ECR as SEAM's. Quirks
-mode reproduces 1-3 (the FG active-sampling contrast has gradients in the released PPC variant and
-is the same in both modes; in the released AMN variant it is detached too - not reproduced).
+uncertain pixels with the cosine over the feature dimension of each key against the L2-normalised
+prototype, and ECR as SEAM's. Quirks mode reproduces 1-5 (the FG active-sampling contrast has
+gradients in the released PPC variant and is the same in both modes - its cosine over D does not
+see the prototype's scale; in the released AMN variant it is detached too - not reproduced).
 
 Choices where the release is ambiguous or undesirable (all documented in the code):
 
@@ -169,7 +175,7 @@ class FBRTerms:
                 feats,
                 flat_pseudo,
                 flat_uncertain,
-                prototypes,
+                grid.raw_prototypes if self.official_quirks else prototypes,  # released: tmp_prototypes
                 bank,
                 self.num_negatives,
                 self.tau,

@@ -2,7 +2,8 @@
 
 Training targets come from the ``LDFLabels`` train wrapper (``segexp.data.decouple``): body and
 detail maps of each training mask (released decoupling, ``decouple: paper`` for the paper's, or a
-coarse model's predictions in the fine stage), cached per image. The feature interaction network
+coarse model's predictions in the fine stage; ``soft_masks: raw`` decouples grey masks as the
+release does instead of cutting them at 0.5 first), cached per image. The feature interaction network
 (``segexp.models.ldf.LDFNet``) gives six outputs; the loss is ``segexp.losses.ldf.LDFLoss``.
 
 * ``supervision`` = (branch 1 target, branch 2 target), the paper's Table 5 ablation:
@@ -68,6 +69,7 @@ class LDFSaliency(SODMethod):
         edge_width: int = 1,
         weight_decay_on_all: bool = True,
         decouple: str = "code",
+        soft_masks: str = "threshold",
         name: str = "ldf",
         **base: Any,
     ):
@@ -84,6 +86,7 @@ class LDFSaliency(SODMethod):
         self.edge_width = edge_width
         self.weight_decay_on_all = weight_decay_on_all
         self.decouple = decouple  # read by the LDFLabels wrapper (data.train_wrappers), kept for the record
+        self.soft_masks = soft_masks  # likewise (segexp.data.decouple: threshold | raw)
         self._rng = random.Random(0)
 
     def forward(self, images: torch.Tensor, shape=None) -> tuple[torch.Tensor, ...]:

@@ -45,7 +45,10 @@ its own evident intent, segexp follows the intent and ``official_quirks: true`` 
    denominator twice, or push the window one rank down); here the negatives are the other classes'
    prototypes (:func:`~segexp.losses.ppc.semi_hard_negatives`);
 3. ``ppc_intra``: classes with a single pixel add nothing but count in the mean over classes; here
-   the mean runs over the classes that contribute.
+   the mean runs over the classes that contribute;
+4. the contrast-grid min-max sets pixels below ``min + 1e-5`` to 0 before subtracting the minimum,
+   so they end at ``-(min + 1e-5) / (max - min + 1e-5)``; here (SEAM's ``max_norm``, a min-max by
+   definition) they get 0 (:func:`~segexp.losses.seam.released_min_max`).
 
 Compared with the release (``tests/test_ppc_release.py``: its code run on seeded inputs, values and
 gradients stored as constants):
@@ -58,11 +61,10 @@ gradients stored as constants):
   1x1 ReLU projection to 128, the PCM), weights, temperature, inference (softmax over all channels
   of the plain CAM per pass, foreground x label, 4 scales x flip summed, ``/ (max + 1e-5)``,
   background 0.22 from the script, ``cam_norm: max``);
-* intentionally different: items 1-3 above (differences on the test inputs: ``ecr`` 0.029,
-  ``ppc_intra`` 0.030, mostly item 3); pixels at a channel's minimum get score 0 (SEAM's
-  ``max_norm``) where the release gives ``-(min + 1e-5) / (max - min + 1e-5)`` - same pseudo labels
-  (the background's 0.10 wins either way), and the same prototypes unless a class has fewer than k
-  positive scores in the batch (then a zero prototype instead of the mean of k tied pixels); the
+* intentionally different: items 1-4 above (differences on the test inputs: ``ecr`` 0.029,
+  ``ppc_intra`` 0.030, mostly item 3; item 4 gives the same pseudo labels - the background's 0.10
+  wins either way - and the same prototypes unless a class has fewer than k positive scores in the
+  batch, then a zero prototype instead of the mean of k tied pixels); the
   release's per-pixel random negatives (``random.sample(range(21), 10)``) are computed but never
   used - not reproduced; pixels are drawn with torch's RNG instead of Python's ``random``; the
   release hard-codes 21 classes (``topk(.., 13)``), here the window shrinks to the prototypes there
@@ -145,8 +147,10 @@ class ContrastGrids:
     def contrast_grids(
         self, views: tuple[dict[str, torch.Tensor], ...], labels: torch.Tensor
     ) -> list[ContrastGrid]:
+        quirks = bool(getattr(self, "official_quirks", False))  # ReleasedECRSlip's flag
         return [
-            contrast_grid(out, labels, self.contrast_size, self.bg_score, self.top_fraction) for out in views
+            contrast_grid(out, labels, self.contrast_size, self.bg_score, self.top_fraction, quirks)
+            for out in views
         ]
 
 

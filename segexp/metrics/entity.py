@@ -13,7 +13,12 @@ pixels). Reported over all GT segments of all images:
 
 Pixels whose GT is ``ignore_index`` are dropped from all counts (and act as a separate region
 for the GT boundary band). ``gt_background`` / ``pred_background`` name an id that is not a
-segment (e.g. 0 in instance maps): such pixels still count in the other map's areas.
+segment: such pixels still count in the other map's areas. :class:`EntityMetrics` defaults both
+to 0, the protocol of the bottom-up paper (``shared/methods/bottomup.md`` s.2 and s.7: every
+annotated segment is an entity, the unlabeled "background" is not, and recall / mIoU / Boundary
+IoU run over the GT entities) and segexp's map convention (instance maps: 0 = unlabeled; predicted
+entity maps: ids 1..K, 0 = no segment). Pass ``None`` to count id 0 as a segment. The low-level
+:func:`iou_matrix` keeps ``None`` (every id a segment) unless told.
 
 Representation diagnostics (unit feature maps (B,D,H,W), an entity map (B,H,W)): with ``mu_e``
 the normalised mean feature of entity ``e``,
@@ -99,7 +104,8 @@ def boundary_iou_matrix(gt: torch.Tensor, pred: torch.Tensor, m: dict,
 class EntityMetrics(Metric):
     """Recall at IoU thresholds, mIoU and mBIoU over GT segments (sum states, DDP-safe).
 
-    ``update(preds, target)``: batches (B,H,W) of predicted and GT segment-id maps.
+    ``update(preds, target)``: batches (B,H,W) of predicted and GT segment-id maps; id 0 is not a
+    segment in either unless ``gt_background`` / ``pred_background`` say otherwise (module doc).
     """
 
     is_differentiable = False
@@ -107,7 +113,7 @@ class EntityMetrics(Metric):
     full_state_update = False
 
     def __init__(self, iou_thresholds=(0.5,), ignore_index: int | None = 255,
-                 gt_background: int | None = None, pred_background: int | None = None,
+                 gt_background: int | None = 0, pred_background: int | None = 0,
                  dilation_ratio: float = 0.02, boundary: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.iou_thresholds = tuple(float(t) for t in iou_thresholds)

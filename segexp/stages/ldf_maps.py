@@ -1,5 +1,6 @@
 """LDF's body / detail maps as a cached train wrapper (``data.train_wrappers``), the maps themselves
-from :mod:`segexp.data.decouple` (released or paper decoupling of the saliency mask) or, for the fine
+from :mod:`segexp.data.decouple` (released or paper decoupling of the saliency mask, grey masks cut at
+0.5 first or - ``soft_masks: raw``, as released - decoupled as they are) or, for the fine
 stage, from a coarse LDF model's predictions on the training images (the released README's second
 stage), computed once per (checkpoint, image) and cached.
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segexp.data.decouple import MAP_KEYS, SOURCES, as_uint8_mask, decouple
+from segexp.data.decouple import MAP_KEYS, SOFT_MASKS, SOURCES, as_uint8_levels, as_uint8_mask, decouple
 from segexp.stages.cache import StageCache
 from segexp.utils.hashing import content_key, file_key
 
@@ -40,6 +41,8 @@ class LDFLabels(Dataset):
         coarse_ckpt: Lightning checkpoint (or plain state dict) of the coarse stage.
         coarse_model: the network of the coarse stage (same architecture as the fine one).
         coarse_size: square input size for the coarse predictions (released test: 352).
+        soft_masks: ``threshold`` (paper: cut grey masks at 0.5 first) or ``raw`` (released
+            ``utils.py:split_map``: decouple the grey levels as read); ``code``/``paper`` only.
     """
 
     adds: ClassVar[tuple[str, ...]] = MAP_KEYS
@@ -54,13 +57,19 @@ class LDFLabels(Dataset):
         coarse_ckpt: str | Path | None = None,
         coarse_model: torch.nn.Module | None = None,
         coarse_size: int = 352,
+        soft_masks: str = "threshold",
     ):
         if source not in SOURCES:
             raise ValueError(f"unknown LDF label source {source!r}; choose one of {SOURCES}")
+        if soft_masks not in SOFT_MASKS:
+            raise ValueError(f"unknown soft_masks {soft_masks!r}; choose one of {SOFT_MASKS}")
         self.reader = reader
         self.source = source
+        self.soft_masks = soft_masks
         name = getattr(reader, "name", type(reader).__name__)
         settings: dict[str, Any] = {"source": source, "reader": name}
+        if soft_masks != "threshold" and source != "coarse":  # the default keeps its cache directory
+            settings["soft_masks"] = soft_masks
         if source == "coarse":
             if not coarse_ckpt:
                 raise ValueError(
@@ -85,7 +94,8 @@ class LDFLabels(Dataset):
     def _inputs_key(self, sample: dict[str, Any]) -> str:
         if self.source == "coarse":
             return content_key(sample["image"])
-        return content_key(as_uint8_mask(sample["saliency"]))
+        levels = as_uint8_levels if self.soft_masks == "raw" else as_uint8_mask
+        return content_key(levels(sample["saliency"]))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = dict(self.reader[index])
@@ -97,7 +107,7 @@ class LDFLabels(Dataset):
         if entry is None:
             if self.source == "coarse":
                 raise RuntimeError(f"coarse LDF maps for {item_id!r} missing from {self.cache.dir}")
-            body, detail = decouple(sample["saliency"], self.source)
+            body, detail = decouple(sample["saliency"], self.source, self.soft_masks)
             entry = {"body": body, "detail": detail}
             self.cache.put(item_id, key, entry)
         for key in MAP_KEYS:
