@@ -77,12 +77,22 @@ def provenance(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def same_class(target: str, other: str) -> bool:
+    """Whether two ``_target_`` strings name one class (a renamed method keeps its old name as an alias)."""
+    if target == other:
+        return True
+    try:
+        return hydra.utils.get_class(target) is hydra.utils.get_class(other)
+    except Exception:  # a class that no longer exists is another method
+        return False
+
+
 def check_checkpoint(path: Path, cfg: DictConfig, method: pl.LightningModule) -> None:
     """Refuse, in one line, a checkpoint another method made (or one whose weights do not fit)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     made_by = made_by_record(ckpt)
     wanted = cfg.method.get("_target_")
-    if made_by.get("method_target") and made_by["method_target"] != wanted:
+    if made_by.get("method_target") and not same_class(made_by["method_target"], wanted):
         raise UserError(
             f"ckpt_path={path} was trained by method '{made_by.get('method')}' (experiment "
             f"'{made_by.get('experiment')}'), this config builds '{cfg.method.get('name')}': "

@@ -13,7 +13,7 @@ from torch import nn
 
 from segexp.data.io import read_image, rgb_to_id
 from segexp.losses.bottomup import BottomUpLoss
-from segexp.methods.bottomup import BottomUpSegmentation, LineSimilarity, segment_scores
+from segexp.methods.bottomup import BottomUp, LineSimilarity, segment_scores
 from segexp.metrics.entity import EntitySimilarity
 from segexp.reporting.entity_dump import EntityDump
 from tests.conftest import compose
@@ -40,10 +40,10 @@ INFERENCE = {
 WEIGHTS = {"attraction": 1.0, "repulsion": 1.0, "contrast": 0.125, "mse": 0.025, "grad": 0.05, "reg": 1.0}
 
 
-def make_method(model: nn.Module, scales=(1.0,), ap: bool = False, **loss_kwargs) -> BottomUpSegmentation:
+def make_method(model: nn.Module, scales=(1.0,), ap: bool = False, **loss_kwargs) -> BottomUp:
     inference = {**INFERENCE, "multires": {**INFERENCE["multires"], "scales": list(scales)}}
     loss = BottomUpLoss(weights=WEIGHTS, contrast={"num_queries": 16, "num_negatives": 16}, **loss_kwargs)
-    return BottomUpSegmentation(
+    return BottomUp(
         model=model,
         loss=loss,
         inference=inference,

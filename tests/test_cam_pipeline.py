@@ -143,7 +143,7 @@ def test_pipeline_retrains_a_supervised_network_on_the_last_stage(tmp_path):
     assert report["crf"]["scored_images"] == report["crf"]["images"] and report["crf"]["pseudo_mIoU"] > 0.05
     assert "val/mIoU" in report["retrain"] and "test/mIoU" in report["retrain"]
     retrain_cfg = yaml.safe_load((tmp_path / "pipe" / "retrain" / "config.yaml").read_text())
-    assert retrain_cfg["method"]["_target_"].endswith("SupervisedSegmentation")
+    assert retrain_cfg["method"]["_target_"].endswith("Supervised")
     assert retrain_cfg["method"]["target_key"] == "pseudo"
     stage1_cfg = yaml.safe_load((tmp_path / "pipe" / "train" / "config.yaml").read_text())
     assert stage1_cfg["method"]["weights"]["amp"] == 0.5

@@ -140,9 +140,9 @@ def test_official_variant_rejects_multi_region_targets():
 
 
 def _cas_method(**kw):
-    from segexp.methods.cas import CASSaliency
+    from segexp.methods.cas import CAS
 
-    return CASSaliency(model=torch.nn.Conv2d(3, 2, 1), loss=CASLoss(), num_classes=2,
+    return CAS(model=torch.nn.Conv2d(3, 2, 1), loss=CASLoss(), num_classes=2,
                        class_names=["background", "salient"], schedule={}, **kw)
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from segexp.losses.sccam import sccam_losses
-from segexp.methods.sccam import SCCAMMethod, batch_sub_labels
+from segexp.methods.sccam import SCCAM, batch_sub_labels
 from segexp.models.sccam_head import SubCategoryCAMNet
 from segexp.stages.subcategory import (
     FeatureStage,
@@ -259,10 +259,10 @@ class TinyBackbone(nn.Module):
         return [torch.relu(self.conv(x))]
 
 
-def _method(k: int = 2, **kw) -> SCCAMMethod:
+def _method(k: int = 2, **kw) -> SCCAM:
     torch.manual_seed(0)
     model = SubCategoryCAMNet(TinyBackbone(), num_classes=3, num_subcategories=k)
-    return SCCAMMethod(
+    return SCCAM(
         model,
         num_subcategories=k,
         num_classes=3,
@@ -314,7 +314,7 @@ def test_merged_cam_is_the_max_over_sub_categories_normalised_jointly():
 def test_mismatched_k_between_method_and_model_is_rejected():
     model = SubCategoryCAMNet(TinyBackbone(), num_classes=3, num_subcategories=4)
     with pytest.raises(ValueError, match="num_subcategories=2"):
-        SCCAMMethod(model, num_subcategories=2, num_classes=3, class_names=["bg", "a", "b"], schedule={})
+        SCCAM(model, num_subcategories=2, num_classes=3, class_names=["bg", "a", "b"], schedule={})
 
 
 def test_sub_head_learns_cluster_labels_beyond_chance():

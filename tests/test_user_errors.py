@@ -262,11 +262,11 @@ def test_sod_route_train_eval_dump_then_sod_eval(data_dir, tmp_path):
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     made_by = saved["hyper_parameters"]  # SegMethod.record_provenance: Lightning's hparams
     assert made_by["method"] == "cas" and made_by["experiment"] == "cas_shapes_sod"
-    assert made_by["method_config"]["_target_"].endswith("CASSaliency")
+    assert made_by["method_config"]["_target_"].endswith("CAS")
     from segexp.utils.checkpoints import load_method
 
     method = load_method(ckpt)  # no experiment config: the checkpoint's own record
-    assert type(method).__name__ == "CASSaliency" and not method.training
+    assert type(method).__name__ == "CAS" and not method.training
     for k, v in method.state_dict().items():
         assert torch.equal(v, saved["state_dict"][k]), k
     ev = tmp_path / "eval"
@@ -340,3 +340,12 @@ def test_user_error_raised_inside_hydra_instantiate_still_prints_one_line(capsys
         "error: x: the checkpoint records no method config (written before checkpoints carried one); "
         "pass the method's config, e.g. from the run's config.yaml"
     )
+
+
+def test_a_checkpoint_naming_its_method_by_a_former_class_name_is_still_that_method():
+    from segexp.runner import same_class
+
+    assert same_class("segexp.methods.cas.CASSaliency", "segexp.methods.cas.CAS")  # renamed, aliased
+    assert same_class("segexp.methods.cam.CAMMethod", "segexp.methods.cam.CAM")
+    assert not same_class("segexp.methods.cas.CAS", "segexp.methods.ldf.LDF")
+    assert not same_class("segexp.methods.cas.Gone", "segexp.methods.cas.CAS")

@@ -25,7 +25,7 @@ from segexp.utils.device import resolve_device
 
 def _method_cfg(backbone: str) -> dict:
     return {
-        "_target_": "segexp.methods.cam.CAMMethod",
+        "_target_": "segexp.methods.cam.CAM",
         "num_classes": 21,
         "class_names": [str(i) for i in range(21)],
         "schedule": {},

@@ -28,13 +28,13 @@ def _crf_job(args):
 
 
 def bench_cam_export(size: int, n: int) -> dict:
-    from segexp.methods.cam import CAMMethod
+    from segexp.methods.cam import CAM
     from segexp.models.backbone import Backbone
     from segexp.models.cam_head import CAMNet
 
     torch.manual_seed(0)
     net = CAMNet(Backbone("resnet18", output_stride=8), num_classes=21)
-    m = CAMMethod(model=net, num_classes=21, class_names=[str(i) for i in range(21)], schedule={}).eval()
+    m = CAM(model=net, num_classes=21, class_names=[str(i) for i in range(21)], schedule={}).eval()
     x = torch.randn(1, 3, size, size)
     labels = torch.zeros(1, 20)
     labels[0, :2] = 1

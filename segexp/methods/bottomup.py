@@ -38,7 +38,7 @@ from segexp.metrics.entity import EntityMetrics, EntitySimilarity
 from segexp.metrics.instance_ap import InstanceAP
 from segexp.reporting.entity_dump import EntityDump
 
-__all__ = ["BottomUpSegmentation", "LineSimilarity"]
+__all__ = ["BottomUp", "LineSimilarity"]
 
 
 class LineSimilarity(EntitySimilarity):
@@ -76,7 +76,7 @@ def segment_scores(features: torch.Tensor, segments: torch.Tensor) -> torch.Tens
 
 
 
-class BottomUpSegmentation(SegMethod):
+class BottomUp(SegMethod):
     def __init__(
         self,
         model: nn.Module,
@@ -253,3 +253,6 @@ class BottomUpSegmentation(SegMethod):
         self._log_entity_metrics("test")
         if self.dump is not None:
             self.dump.finish(self.global_rank)
+
+
+BottomUpSegmentation = BottomUp  # the name before 2026-12-02, which older checkpoints record

@@ -41,7 +41,7 @@ from segexp.losses.seam import released_min_max
 from segexp.methods.base import SegMethod
 from segexp.metrics.cam import CAMThresholdCurve
 
-__all__ = ["CAMMethod", "normalise_cams", "sum_over_passes", "CAM_NORMS"]
+__all__ = ["CAM", "normalise_cams", "sum_over_passes", "CAM_NORMS"]
 
 CAM_NORMS = ("max", "minmax", "minmax_release")
 
@@ -83,7 +83,7 @@ def sum_over_passes(
     return total
 
 
-class CAMMethod(SegMethod):
+class CAM(SegMethod):
     """CAM classifier. ``model`` is a :class:`~segexp.models.cam_head.CAMNet` with ``num_classes - 1``
     outputs (foreground only) or ``num_classes`` with ``background_first`` (SEAM)."""
 
@@ -193,3 +193,6 @@ class CAMMethod(SegMethod):
             self.log("val/cls_F1", self.val_cls_f1.compute(), sync_dist=False)  # torchmetrics syncs ranks
         self.val_cls_f1.reset()
         super().on_validation_epoch_end()
+
+
+CAMMethod = CAM  # the name before 2026-12-02, which older checkpoints record

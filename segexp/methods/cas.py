@@ -69,7 +69,7 @@ def adaptive_binary(p: torch.Tensor) -> torch.Tensor:
     return (p >= t).to(p.dtype)
 
 
-class CASSaliency(SODMethod):
+class CAS(SODMethod):
     def __init__(
         self,
         model: nn.Module,
@@ -157,3 +157,6 @@ class CASSaliency(SODMethod):
             self._panel_batch = {"batch": self._panel_batch["batch"],
                                  "pred": (self._panel_batch["maps"][:, c] > 0.5).long()}
         self._send_panels()
+
+
+CASSaliency = CAS  # the name before 2026-12-02, which older checkpoints record

@@ -58,7 +58,7 @@ def _plain(x: Any) -> Any:
     return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else x
 
 
-class LDFSaliency(SODMethod):
+class LDF(SODMethod):
     def __init__(
         self,
         model: nn.Module,
@@ -151,3 +151,6 @@ class LDFSaliency(SODMethod):
         epochs = int(self.trainer.max_epochs)
         scheduler = LambdaLR(optimizer, lambda e: triangular_factor(e, epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+LDFSaliency = LDF  # the name before 2026-12-02, which older checkpoints record

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from segexp.losses.sccam import sccam_losses
-from segexp.methods.cam import CAMMethod, normalise_cams, sum_over_passes
+from segexp.methods.cam import CAM, normalise_cams, sum_over_passes
 
-__all__ = ["SCCAMMethod", "CAM_SOURCES", "batch_sub_labels"]
+__all__ = ["SCCAM", "CAM_SOURCES", "batch_sub_labels"]
 
 CAM_SOURCES = ("parent", "merged")
 
@@ -51,7 +51,7 @@ def batch_sub_labels(batch: dict[str, Any], key: str = "sub_labels") -> torch.Te
     )
 
 
-class SCCAMMethod(CAMMethod):
+class SCCAM(CAM):
     """SC-CAM classifier; ``model`` is a :class:`~segexp.models.sccam_head.SubCategoryCAMNet`.
 
     Args:
@@ -118,3 +118,6 @@ class SCCAMMethod(CAMMethod):
         if labels is not None:
             merged = merged * labels.to(merged.dtype)[..., None, None]
         return normalise_cams(merged, self.cam_norm)
+
+
+SCCAMMethod = SCCAM  # the name before 2026-12-02, which older checkpoints record

@@ -41,12 +41,12 @@ import torch.nn.functional as F
 from segexp.losses.cam import multilabel_soft_margin
 from segexp.losses.seam import adaptive_min_pooling_loss, ecr_loss, er_loss, max_norm
 from segexp.losses.weights import term_weights
-from segexp.methods.cam import CAMMethod
+from segexp.methods.cam import CAM
 
 __all__ = ["SEAM"]
 
 
-class SEAM(CAMMethod):
+class SEAM(CAM):
     TERMS: tuple[str, ...] = ("cls", "er", "ecr", "amp")  # the loss terms it weights (method.weights)
 
     def __init__(

@@ -11,7 +11,7 @@ from torch import nn
 from segexp.methods.base import SegMethod, upsample_like
 
 
-class SupervisedSegmentation(SegMethod):
+class Supervised(SegMethod):
     def __init__(
         self,
         model: nn.Module,
@@ -35,3 +35,6 @@ class SupervisedSegmentation(SegMethod):
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return upsample_like(self(images), images.shape[-2:])
+
+
+SupervisedSegmentation = Supervised  # the name before 2026-12-02, which older checkpoints record
