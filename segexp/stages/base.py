@@ -239,6 +239,9 @@ class Stage:
         n_workers = 1 if self.in_process else workers or self.workers or self.default_workers(world_size)
         n_workers = max(1, min(n_workers, len(todo)))  # nothing to compute: no pool to start
         up_caches = {name: stage.cache_for(reader) for name, stage in upstream.items()}
+        for name, stage in upstream.items():  # an upstream entry is looked up under this stage's key
+            if len(reader) and stage.inputs_key(reader, 0) != keys[reader.ids[0]]:
+                raise ValueError(f"{self.name} stage: upstream {name!r} keys its items by other inputs")
         desc = f"{self.name} [{getattr(reader, 'split', '?')}]"
         log.info(
             "%s: %d images, %d to compute, cache %s, %d processes",
