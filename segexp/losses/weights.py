@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-__all__ = ["term_weights"]
+from segexp.utils.errors import UserError
+
+__all__ = ["term_weights", "WeightsError"]
+
+
+class WeightsError(UserError, ValueError):
+    """A config mistake in loss-term weights: printed in one line by the entry points."""
 
 
 def term_weights(
@@ -17,8 +23,8 @@ def term_weights(
     given = dict(weights or {})
     unknown = sorted(set(given) - set(terms))
     if unknown:
-        raise ValueError(f"{key}: unknown term(s) {unknown}; this method's terms: {list(terms)}")
+        raise WeightsError(f"{key}: unknown term(s) {unknown}; this method's terms: {list(terms)}")
     missing = [t for t in terms if t not in given]
     if missing:
-        raise ValueError(f"{key}: no weight for {missing}; every term's weight is set in the config (conf/)")
+        raise WeightsError(f"{key}: no weight for {missing}; set every term's weight in the config (conf/)")
     return {t: float(given[t]) for t in terms}

@@ -12,6 +12,7 @@ import hydra
 from segexp.pipeline.affinity import train_affinitynet
 from segexp.pipeline.compose import container
 from segexp.pipeline.runs import PipelineContext
+from segexp.utils.errors import UserError
 
 __all__ = ["stage_config", "refine"]
 
@@ -20,10 +21,10 @@ def stage_config(context: PipelineContext, name: str, cam_cfg: dict[str, Any]) -
     """The resolved config of refinement stage ``name`` reading the CAMs of ``cam_cfg``."""
     stages = context.cfg.pipeline.stages
     if name not in stages:
-        raise ValueError(f"pipeline.refine: no stage {name!r} (pipeline.stages has {sorted(stages)})")
+        raise UserError(f"pipeline.refine: no stage {name!r} (pipeline.stages has {sorted(stages)})")
     node = container(stages[name])
     if "cam_stage" not in node:
-        raise ValueError(f"conf/stage/{name}.yaml takes no `cam_stage`: it cannot refine CAMs")
+        raise UserError(f"conf/stage/{name}.yaml takes no `cam_stage`: it cannot refine CAMs")
     node["cam_stage"] = cam_cfg
     if "affinity_ckpt" in node and node["affinity_ckpt"] is None:
         node["affinity_ckpt"] = train_affinitynet(context, cam_cfg, name)
