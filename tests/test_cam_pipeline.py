@@ -239,3 +239,16 @@ def test_pipeline_sweeps_like_train_one_directory_per_job(tmp_path):
     bad_args = [*args[:3], "+experiment=cam_shapes", "stop_after=nope", f"paths.log_dir={tmp_path}"]
     bad = subprocess.run(bad_args, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "stop_after='nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cam_stage_needs_the_methods_inference_settings_and_names_the_missing_key():
+    """No hidden fallback: scales/flip/bg_threshold come from the method config (their one home)."""
+    from segexp.stages.cam import CAMStage
+    from segexp.utils.errors import UserError
+
+    with pytest.raises(UserError, match=r"method\.inference\.scales"):
+        CAMStage(method={"inference": {"flip": True}, "bg_threshold": 0.2}, ckpt_path=None)
+    with pytest.raises(UserError, match=r"method\.bg_threshold"):
+        CAMStage(method={"inference": {"scales": [1.0], "flip": False}}, ckpt_path=None)
+    stage = CAMStage(method={"inference": {"scales": [1.0], "flip": False}}, ckpt_path=None, bg_threshold=0.3)
+    assert stage.scales == (1.0,) and stage.flip is False and stage.bg_threshold == 0.3

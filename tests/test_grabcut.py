@@ -12,6 +12,11 @@ from segexp.stages.grabcut import GrabCutStage, fill_boxes, grabcut_box, grabcut
 from tests.conftest import SMALL_SYNTH, compose
 
 
+# the stage's defaults (their one home), as the functions are called with them
+GC = GrabCutStage(progress=False).grabcut_settings()
+IMAGE = {"overlap": "smaller", "inside_bg": "background", "mode": "grabcut", **GC, "iterations": 3}
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
@@ -32,7 +37,7 @@ def test_grabcut_recovers_the_object_better_than_its_box():
     image, disc = _disc_image()
     ys, xs = np.nonzero(disc)
     box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-    fg = grabcut_box(image, box, iterations=5, margin=0.5)
+    fg = grabcut_box(image, box, **GC)
     box_mask = fill_boxes(np.array([box], np.float32), np.array([1]), disc.shape) > 0
     assert not fg[~box_mask].any()  # never outside its box
     assert _iou(fg, disc) > 0.85 and _iou(box_mask, disc) < 0.55
@@ -40,10 +45,10 @@ def test_grabcut_recovers_the_object_better_than_its_box():
 
 def test_box_covering_the_whole_image_and_degenerate_boxes_do_not_fail():
     image, disc = _disc_image()
-    full = grabcut_box(image, (0, 0, 96, 96), iterations=3, margin=0.5)
+    full = grabcut_box(image, (0, 0, 96, 96), **{**GC, "iterations": 3})
     assert full.shape == disc.shape and full.any()
-    assert not grabcut_box(image, (10, 10, 10, 30)).any()  # empty box
-    tiny = grabcut_box(image, (5, 5, 6, 6), min_fill=0.5)  # 1 px: the filled box
+    assert not grabcut_box(image, (10, 10, 10, 30), **GC).any()  # empty box
+    tiny = grabcut_box(image, (5, 5, 6, 6), **{**GC, "min_fill": 0.5})  # 1 px: the filled box
     assert tiny.sum() == 1
 
 
@@ -61,10 +66,10 @@ def test_overlap_rule_smaller_or_larger_box_wins():
 
 def test_grabcut_image_labels_and_inside_background():
     image, disc = _disc_image()
-    out = grabcut_image(image, np.array([[10, 14, 78, 82]], np.float32), np.array([3]), iterations=3)
+    out = grabcut_image(image, np.array([[10, 14, 78, 82]], np.float32), np.array([3]), **IMAGE)
     assert set(np.unique(out)) <= {0, 3}
-    ign = grabcut_image(image, np.array([[10, 14, 78, 82]], np.float32), np.array([3]), iterations=3,
-                        inside_bg="ignore")
+    ign = grabcut_image(image, np.array([[10, 14, 78, 82]], np.float32), np.array([3]),
+                        **{**IMAGE, "inside_bg": "ignore"})
     assert set(np.unique(ign)) <= {0, 3, 255} and (ign == 255).any() and ign[0, 0] == 0
 
 

@@ -27,6 +27,7 @@ from segexp.metrics.cam import cam_confusion_curve, curve_scores
 from segexp.stages.base import Stage
 from segexp.utils.checkpoints import load_method, method_config_of
 from segexp.utils.device import resolve_device
+from segexp.utils.errors import UserError
 from segexp.utils.hashing import file_key
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,16 @@ def cams_to_label(cams: np.ndarray, threshold: float) -> np.ndarray:
     scores = np.concatenate([np.full((1, *cams.shape[1:]), threshold, np.float32), cams], 0)
     return scores.argmax(0).astype(np.uint8)
 
+
+
+def _required(node: Mapping[str, Any], key: str, where: str = "method.inference") -> Any:
+    """A CAM method's inference setting; its one home is the method's YAML (no fallback here)."""
+    if node.get(key) is None:
+        raise UserError(
+            f"{where}.{key} is not set: the CAM export reads it from the method config "
+            f"(conf/method/<name>.yaml) - set it there or pass the stage's `{key}`."
+        )
+    return node[key]
 
 class CAMStage(Stage):
     """Multi-scale x flip CAMs of ``method`` (config) with weights ``ckpt_path``, cached per image.
@@ -89,13 +100,10 @@ class CAMStage(Stage):
         self.method_cfg = dict(method) if method is not None else self._recorded_method()
         self.name = name
         inference = dict(self.method_cfg.get("inference") or {})
-        self.scales = tuple(
-            float(s)
-            for s in (scales if scales is not None else inference.get("scales", (0.5, 1.0, 1.5, 2.0)))
-        )
-        self.flip = bool(inference.get("flip", True) if flip is None else flip)
+        self.scales = tuple(float(s) for s in (scales if scales is not None else _required(inference, "scales")))
+        self.flip = bool(_required(inference, "flip") if flip is None else flip)
         self.bg_threshold = float(
-            self.method_cfg.get("bg_threshold", 0.2) if bg_threshold is None else bg_threshold
+            _required(self.method_cfg, "bg_threshold", "method") if bg_threshold is None else bg_threshold
         )
         self.thresholds = (
             tuple(thresholds) if thresholds is not None else tuple(round(0.01 * i, 2) for i in range(100))

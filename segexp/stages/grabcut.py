@@ -85,16 +85,18 @@ def fill_boxes(
 def grabcut_box(
     image: np.ndarray,
     box: Sequence[float],
-    iterations: int = 5,
-    margin: float | None = 0.5,
-    border: int = 2,
-    min_fill: float = 0.0,
+    *,
+    iterations: int,
+    margin: float | None,
+    border: int,
+    min_fill: float,
     seed: int = 0,
 ) -> np.ndarray:
     """Foreground (bool HxW, False outside the box) of one GrabCut initialised from ``box``.
 
     ``image`` is uint8 RGB HxWx3; ``box`` 0-based xyxy with exclusive max. See the module
-    docstring for ``margin``, ``border`` and ``min_fill``.
+    docstring for ``margin``, ``border`` and ``min_fill``; their defaults live once, on
+    :class:`GrabCutStage` (and in ``conf/stage/grabcut.yaml``).
     """
     h, w = image.shape[:2]
     x0, y0, x1, y1 = _int_box(box, h, w)
@@ -138,15 +140,16 @@ def grabcut_image(
     image: np.ndarray,
     boxes: np.ndarray,
     labels: np.ndarray,
-    iterations: int = 5,
-    margin: float | None = 0.5,
-    border: int = 2,
-    min_fill: float = 0.0,
-    overlap: str = "smaller",
-    inside_bg: str = "background",
-    mode: str = "grabcut",
+    *,
+    overlap: str,
+    inside_bg: str,
+    mode: str,
+    **grabcut: Any,
 ) -> np.ndarray:
-    """The pseudo class map (uint8 HxW) of one image from its boxes (see the module docstring)."""
+    """The pseudo class map (uint8 HxW) of one image from its boxes (see the module docstring).
+
+    ``grabcut``: :func:`grabcut_box`'s settings (unused when ``mode='rect'``).
+    """
     h, w = image.shape[:2]
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     labels = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -160,7 +163,7 @@ def grabcut_image(
     if inside_bg == "ignore":
         out = np.where(fill_boxes(boxes, labels, (h, w)) > 0, IGNORE, 0).astype(np.uint8)
     for k in paint_order(boxes, overlap):
-        fg = grabcut_box(image, boxes[k], iterations, margin, border, min_fill, seed=int(k))
+        fg = grabcut_box(image, boxes[k], seed=int(k), **grabcut)
         out[fg] = labels[k]
     return out
 
@@ -229,6 +232,10 @@ class GrabCutStage(LabelStage):
         self.progress = progress
         self.version = int(version)
 
+    def grabcut_settings(self) -> dict[str, Any]:
+        """:func:`grabcut_box`'s keyword arguments, as this stage sets them."""
+        return {"iterations": self.iterations, "margin": self.margin, "border": self.border, "min_fill": self.min_fill}
+
     def settings(self) -> dict[str, Any]:
         common = {"mode": self.mode, "overlap": self.overlap, "use_difficult": self.use_difficult}
         if self.mode == "rect":
@@ -266,13 +273,10 @@ class GrabCutStage(LabelStage):
             sample["image"],
             boxes,
             labels,
-            self.iterations,
-            self.margin,
-            self.border,
-            self.min_fill,
-            self.overlap,
-            self.inside_bg,
-            self.mode,
+            overlap=self.overlap,
+            inside_bg=self.inside_bg,
+            mode=self.mode,
+            **self.grabcut_settings(),
         )
         return {"pseudo": mask}
 
