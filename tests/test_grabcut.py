@@ -11,7 +11,6 @@ import pytest
 from segexp.stages.grabcut import GrabCutStage, fill_boxes, grabcut_box, grabcut_image, paint_order
 from tests.conftest import SMALL_SYNTH, compose
 
-
 # the stage's defaults (their one home), as the functions are called with them
 GC = GrabCutStage(progress=False).grabcut_settings()
 IMAGE = {"overlap": "smaller", "inside_bg": "background", "mode": "grabcut", **GC, "iterations": 3}

@@ -100,7 +100,8 @@ class CAMStage(Stage):
         self.method_cfg = dict(method) if method is not None else self._recorded_method()
         self.name = name
         inference = dict(self.method_cfg.get("inference") or {})
-        self.scales = tuple(float(s) for s in (scales if scales is not None else _required(inference, "scales")))
+        scales = _required(inference, "scales") if scales is None else scales
+        self.scales = tuple(float(s) for s in scales)
         self.flip = bool(_required(inference, "flip") if flip is None else flip)
         self.bg_threshold = float(
             _required(self.method_cfg, "bg_threshold", "method") if bg_threshold is None else bg_threshold

@@ -234,7 +234,8 @@ class GrabCutStage(LabelStage):
 
     def grabcut_settings(self) -> dict[str, Any]:
         """:func:`grabcut_box`'s keyword arguments, as this stage sets them."""
-        return {"iterations": self.iterations, "margin": self.margin, "border": self.border, "min_fill": self.min_fill}
+        names = ("iterations", "margin", "border", "min_fill")
+        return {name: getattr(self, name) for name in names}
 
     def settings(self) -> dict[str, Any]:
         common = {"mode": self.mode, "overlap": self.overlap, "use_difficult": self.use_difficult}
