@@ -88,15 +88,18 @@ def _flatten(node: dict, prefix: str = "") -> dict[str, float]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(_flatten(value, name + "/"))
+        elif isinstance(value, list) and all(isinstance(v, dict) for v in value):  # e.g. SC-CAM rounds
+            out.update(_flatten({str(n): v for n, v in enumerate(value)}, name + "/"))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[name] = float(value)
     return out
 
 
 def pipeline_metrics(report: dict) -> dict[str, float]:
-    """A pipeline report flattened to ``<stage>/<metric>``: each stage's score, one row per run."""
+    """A pipeline report flattened to ``<stage>/<metric>``: each stage's score, one row per run
+    (lists of records by position: ``rounds/<r>/cam/best_mIoU``)."""
     skip = {"dir", "overrides", "wall_s"}
-    return _flatten({k: v for k, v in report.items() if k not in skip and isinstance(v, dict)})
+    return _flatten({k: v for k, v in report.items() if k not in skip and isinstance(v, (dict, list))})
 
 
 def read_job(path: Path) -> Job:

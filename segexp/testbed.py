@@ -33,9 +33,16 @@ from omegaconf import OmegaConf
 from pycocotools import mask as coco_mask
 
 from segexp.data.io import IGNORE_INDEX, read_image, read_label_png, read_split_file, rgb_to_id
-from segexp.data.synth import CLASS_NAMES, COMPLETE_MARKER, STUFF_NAMES, SynthLayout, stuff_category_id
+from segexp.data.synth import (
+    CLASS_NAMES,
+    COMPLETE_MARKER,
+    STUFF_NAMES,
+    SynthLayout,
+    body_subtypes,
+    stuff_category_id,
+)
 from segexp.data.testbed import Testbed
-from segexp.metrics.testbed import CoocDiagnostics, PartDiagnostics, purity
+from segexp.metrics.testbed import CoocDiagnostics, PartDiagnostics, subtype_purity
 from segexp.utils.atomic import write_json
 
 __all__ = ["diagnose", "main"]
@@ -150,29 +157,19 @@ def _parts_report(method, root: _Root, limit: int | None) -> dict[str, Any]:
 
 @torch.no_grad()
 def _subtype_purity(method, root: _Root, limit: int | None) -> dict[str, float]:
-    """Per-class k-means of the train images' features vs the body sub-type of the class's largest object."""
+    """Per-class k-means of the train images' features vs the body sub-type of each class's largest object."""
     from segexp.data.transforms import image_tensor
     from segexp.stages.subcategory import cluster_per_class
 
+    bodies = body_subtypes(root.layout.root, "train")
     features, labels, subtypes = [], [], []
     for item in root.images("train", limit):
         features.append(method.model.backbone(image_tensor(item["image"]))[-1].mean((2, 3))[0].numpy())
-        row, body = np.zeros(len(CLASS_NAMES) - 1), [""] * (len(CLASS_NAMES) - 1)
-        for ann in sorted(item["objects"], key=lambda a: a["area"]):  # the largest object last: it decides
-            row[ann["category_id"] - 1] = 1
-            body[ann["category_id"] - 1] = ann["attributes"]["body"]
-        labels.append(row)
-        subtypes.append(body)
+        subtypes.append(bodies[item["id"]])
+        labels.append([float(body != "") for body in subtypes[-1]])
     k = len(root.testbed.parts.bodies)
-    clusters, _ = cluster_per_class(np.stack(features), np.stack(labels), k)
-    matched = one_cluster = total = 0
-    for c in range(clusters.shape[1]):
-        members = np.flatnonzero(clusters[:, c] >= 0)
-        truth = np.array([subtypes[n][c] for n in members])
-        matched += purity(clusters[members, c], truth) * len(members)
-        one_cluster += purity(np.zeros(len(members)), truth) * len(members)
-        total += len(members)
-    return {"subtype_purity": matched / total, "subtype_purity_one_cluster": one_cluster / total, "k": k}
+    clusters, _ = cluster_per_class(np.stack(features), np.array(labels), k)
+    return {**subtype_purity(clusters, subtypes), "k": k}
 
 
 def diagnose(run_dir: str | Path, root: str | Path | None = None, ckpt: str = "last",

@@ -227,7 +227,8 @@ def rw_setup(tmp_path):
             return _blob_cams(sample)
 
     cache = tmp_path / "cache"
-    cams = BlobCAMs(method={}, ckpt_path=None, cache_dir=cache, device="cpu", progress=False)
+    cams = BlobCAMs(method={}, ckpt_path=None, scales=[1.0], flip=False, bg_threshold=0.2, cache_dir=cache,
+                    device="cpu", progress=False)
     run = tmp_path / "aff_run"
     (run / "checkpoints").mkdir(parents=True)
     method_cfg = {

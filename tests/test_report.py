@@ -145,6 +145,10 @@ def test_pipeline_runs_flatten_each_stage(tmp_path):
             "cam": {"best_mIoU": cam, "best_threshold": 0.3},
             "crf": {"pseudo_mIoU": crf},
             "retrain": {"test/mIoU": retrain},
+            "rounds": [
+                {"round": 0, "cam": {"best_mIoU": cam}},
+                {"round": 1, "clusters": {"subtype_purity": crf}},
+            ],
         }
         (root / "pipeline_report.json").write_text(json.dumps(report))
     jobs = rp.find_jobs([tmp_path])
@@ -155,6 +159,9 @@ def test_pipeline_runs_flatten_each_stage(tmp_path):
     assert metrics == ["cam/best_mIoU", "crf/pseudo_mIoU", "retrain/test/mIoU"]
     assert rp.mean_std(groups[0].values("retrain/test/mIoU"))[0] == pytest.approx(0.52)
     assert statistics.fmean(j.wall_s for j in jobs) == pytest.approx(100.5)
+    # SC-CAM's rounds (a list of records) flatten by position
+    assert rp.mean_std(groups[0].values("rounds/1/clusters/subtype_purity"))[0] == pytest.approx(0.46)
+    assert rp.mean_std(groups[0].values("rounds/0/cam/best_mIoU"))[0] == pytest.approx(0.36)
 
 
 def test_cli_error_is_one_line(tmp_path, capsys):

@@ -53,6 +53,35 @@ def test_purity():
     assert purity([0, 1, 2], ["a", "b", "c"]) == 1.0
 
 
+def test_subtype_purity_pools_classes_and_skips_absent():
+    from segexp.metrics.testbed import subtype_purity
+
+    clusters = np.array([[0, -1], [0, 1], [1, 1], [1, 0]])  # class 0: 4 images; class 1: 3
+    subtypes = [["disc", ""], ["disc", "bar"], ["ring", "bar"], ["disc", "ring"]]
+    out = subtype_purity(clusters, subtypes)
+    # class 0: clusters {0: disc, disc}, {1: ring, disc} -> 3 of 4
+    # class 1: {1: bar, bar}, {0: ring} -> 3 of 3
+    assert out["subtype_purity"] == pytest.approx(6 / 7)
+    # one cluster per class: class 0 disc 3 of 4, class 1 bar 2 of 3
+    assert out["subtype_purity_one_cluster"] == pytest.approx(5 / 7)
+
+
+def test_body_subtypes_read_back_from_a_generated_part_set(tmp_path):
+    """The writer's sub-types come back from the root's COCO JSON, per class, largest object first."""
+    from segexp.data.synth import body_subtypes, ensure_synthetic
+    from segexp.data.testbed import Testbed
+
+    testbed = Testbed.from_dict({"parts": {}})
+    root = ensure_synthetic(tmp_path / "parts", num_images=12, size=64, seed=0, testbed=testbed, workers=1)
+    bodies = body_subtypes(root, "train")
+    assert len(bodies) >= 5 and all(len(row) == 5 for row in bodies.values())
+    seen = {b for row in bodies.values() for b in row if b}
+    assert seen and seen <= set(testbed.parts.bodies)
+    plain = ensure_synthetic(tmp_path / "plain", num_images=12, size=64, seed=0, workers=1)
+    with pytest.raises(ValueError, match="not a part set"):
+        body_subtypes(plain, "train")
+
+
 @pytest.mark.parametrize("testbed", ["cooc", "parts"])
 def test_diagnose_a_trained_run(tmp_path, testbed):
     """A few CAM steps on a tiny mechanism set, then the diagnostics read its run directory."""

@@ -763,6 +763,24 @@ def _write_image_files(job: tuple[str, int, int, int, str, dict[str, Any]]) -> d
     }
 
 
+def body_subtypes(root: str | os.PathLike, split: str) -> dict[str, list[str]]:
+    """Per image of a part-set ``split``: each thing class's body sub-type ('' where absent), read from
+    the root's COCO instances (``attributes.body``); where a class appears twice, its largest object's.
+
+    SC-CAM's clusters are scored against these (:func:`segexp.metrics.testbed.subtype_purity`).
+    """
+    layout = SynthLayout(Path(root))
+    instances = json.loads(layout.coco_instances_json(split).read_text())
+    names = {im["id"]: Path(im["file_name"]).stem for im in instances["images"]}
+    table = {name: [""] * (len(CLASS_NAMES) - 1) for name in names.values()}
+    for ann in sorted(instances["annotations"], key=lambda a: a["area"]):  # the largest object last
+        body = (ann.get("attributes") or {}).get("body")
+        if body is None:
+            raise ValueError(f"{layout.coco_instances_json(split)}: no body sub-types (not a part set)")
+        table[names[ann["image_id"]]][ann["category_id"] - 1] = body
+    return table
+
+
 def sod_mask_of(
     sample: SynthSample, testbed: Testbed, seed: int, index: int, split: str
 ) -> tuple[np.ndarray, str | None]:

@@ -107,3 +107,21 @@ def purity(clusters: np.ndarray, truth: np.ndarray) -> float:
         _, counts = np.unique(truth[clusters == c], return_counts=True)
         matched += int(counts.max())
     return matched / clusters.size
+
+
+def subtype_purity(clusters: np.ndarray, subtypes: list[list[str]]) -> dict[str, float]:
+    """Purity of per-class clusters (N, C; -1 where absent) against each image's sub-type of that class,
+    pooled over classes, beside the purity of one cluster per class (the share of each class's most
+    common sub-type: what a clustering that finds nothing scores)."""
+    matched = one_cluster = total = 0.0
+    for c in range(clusters.shape[1]):
+        members = np.flatnonzero(clusters[:, c] >= 0)
+        if members.size == 0:
+            continue
+        truth = np.array([subtypes[n][c] for n in members])
+        matched += purity(clusters[members, c], truth) * members.size
+        one_cluster += purity(np.zeros(members.size), truth) * members.size
+        total += members.size
+    if total == 0:
+        return {"subtype_purity": float("nan"), "subtype_purity_one_cluster": float("nan")}
+    return {"subtype_purity": matched / total, "subtype_purity_one_cluster": one_cluster / total}

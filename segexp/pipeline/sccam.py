@@ -32,8 +32,11 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
+from segexp.data.synth import body_subtypes
+from segexp.metrics.testbed import subtype_purity
 from segexp.pipeline.compose import compose, container, train_reader
 from segexp.pipeline.runs import PipelineContext, cam_network_key, run_key
+from segexp.stages.subcategory import image_label_reader
 from segexp.utils.atomic import write_json
 
 log = logging.getLogger(__name__)
@@ -121,6 +124,26 @@ def _evaluate(context: PipelineContext, method: dict[str, Any], ckpt: str) -> di
     return {k: report[k] for k in keep if k in report}
 
 
+def _cluster_purity(context: PipelineContext, wrappers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Purity of the sub-categories a round trained on against the part set's body sub-types (the
+    testbed's ground truth for SC-CAM's clusters); None when the data is not a part set."""
+    import hydra
+
+    prepare = context.cfg.data.get("prepare") or {}
+    if (prepare.get("testbed") or {}).get("parts") is None:
+        return None
+    ours = next(w for w in wrappers if w.get("_target_") == WRAPPER_TARGET)
+    stage = hydra.utils.instantiate(ours["stage"])
+    if context.reader is None:
+        context.reader = train_reader(context.cfg)
+    clusters, _ = stage.clusters(context.reader)
+    bodies = body_subtypes(prepare["root"], context.cfg.data.splits.train)
+    return {
+        **subtype_purity(clusters, [bodies[i] for i in image_label_reader(context.reader).ids]),
+        "k": stage.num_subcategories,
+    }
+
+
 def train_rounds(
     context: PipelineContext,
     rounds: int = 3,
@@ -181,6 +204,9 @@ def train_rounds(
         summary.append({"round": r, "dir": name, "ckpt": ckpt, "metrics": record["metrics"]})
         if evaluate_rounds:
             summary[-1]["cam"] = _evaluate(context, method, ckpt)
+            purity = _cluster_purity(context, wrappers)
+            if purity is not None:
+                summary[-1]["clusters"] = purity
         log.info("SC-CAM round %d done: %s", r, summary[-1].get("cam", ckpt))
 
     context.report["rounds"] = summary

@@ -395,8 +395,9 @@ class SubCategoryStage(Stage):
         log.info("%s: %d images clustered in %.1f s", self.name, len(reader), seconds)
         return report
 
-    def label_table(self, reader: Any) -> np.ndarray:
-        """Sub-category labels (N, C * K) of every image, in the reader's order."""
+    def clusters(self, reader: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Cluster ids (N, C; -1 where absent) and parent labels (N, C) of every image, in the
+        reader's order."""
         reader = image_label_reader(reader)
         cache = self.cache_for(reader)
         key = self.split_key(reader)
@@ -406,8 +407,11 @@ class SubCategoryStage(Stage):
             raise RuntimeError(
                 f"{len(absent)} sub-category entries missing or stale in {cache.dir} (first: {absent[:3]})"
             )
-        clusters = np.stack([e["clusters"] for e in entries])
-        labels = np.stack([e["labels"] for e in entries])
+        return np.stack([e["clusters"] for e in entries]), np.stack([e["labels"] for e in entries])
+
+    def label_table(self, reader: Any) -> np.ndarray:
+        """Sub-category labels (N, C * K) of every image, in the reader's order."""
+        clusters, labels = self.clusters(reader)
         return subcategory_labels(labels, clusters, self.num_subcategories)
 
     def get(self, reader: Any, index: int, key: str | None = None) -> np.ndarray | None:
