@@ -49,7 +49,14 @@ STUDIES = {
         ["val/cam_best_mIoU", "val/cls_F1"],
         {"variant": ["cam", "er", "er_pcm", "er_pcm_ohem"]},
     ),
+    "study_sccam": (
+        ["rounds/0/cam/best_mIoU", "rounds/1/cam/best_mIoU", "rounds/1/clusters/subtype_purity"],
+        {"variant": ["rounds", "k2", "k5"]},
+    ),
 }
+
+#: studies whose jobs are pipelines (`segexp.pipeline -m`), with the pipeline's own overrides
+PIPELINE_STUDIES = {"study_sccam": ["stop_after=train"]}
 
 
 def pretrained_backbone(study: str, data_dir, tmp_path) -> list[str]:
@@ -100,9 +107,12 @@ def test_study_multirun_and_report(study, data_dir, tmp_path):
     metrics, swept = STUDIES[study]
     sweep = tmp_path / "multirun"
     weights = pretrained_backbone(study, data_dir, tmp_path)
+    entry = "segexp.pipeline" if study in PIPELINE_STUDIES else "segexp.train"
+    extra = [*weights, *PIPELINE_STUDIES.get(study, [])]
+    extra += [f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}"]
     proc = run_cli(
-        "segexp.train",
-        [f"+experiment={study}", *SHORT, *weights, f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}"],
+        entry,
+        [f"+experiment={study}", *SHORT, *extra],
         cwd=REPO,
         timeout=1800,
     )
