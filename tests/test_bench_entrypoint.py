@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import REPO, assert_ok, run_cli
 
 
@@ -22,3 +24,33 @@ def test_unknown_benchmark_is_named():
     proc = run_cli("segexp.bench", ["no_such_bench"], cwd=REPO)
     assert proc.returncode == 2
     assert "no_such_bench" in proc.stderr
+
+
+def test_gpu_bench_runs_the_paper_network_on_a_testbed_batch_on_cpu(tmp_path, monkeypatch):
+    """`segexp.bench gpu --quick` on CPU: the paper experiment's network (cam_voc: ResNet-38) trained a
+    step on a real testbed batch; a recipe that cannot be built is a row with its error, not a crash."""
+    import json
+
+    from segexp.bench import gpu
+
+    monkeypatch.setitem(gpu.METHODS, "broken", ("no_such_experiment", "cam_shapes"))
+    out = tmp_path / "gpu.json"
+    rows = gpu.main(["--quick", "--methods", "cam", "broken", "--precisions", "32", "bf16-mixed",
+                     "--data-dir", str(tmp_path / "data"), "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == rows
+    cam = [r for r in rows if r["method"] == "cam"]
+    assert [r["precision"] for r in cam] == ["32", "bf16-mixed"]
+    for r in cam:
+        assert r["backbone"] == "resnet38d" and (r["batch"], r["size"], r["mode"]) == (2, 64, "1 device")
+        assert r["images_per_s"] > 0 and r["peak_MB"] is None  # CPU: torch keeps no peak count
+    (broken,) = [r for r in rows if r["method"] == "broken"]
+    assert "no_such_experiment" in broken["error"]
+
+
+@pytest.mark.slow
+def test_gpu_bench_ddp_step_on_two_cpu_processes(tmp_path):
+    from segexp.bench import gpu
+
+    rows = gpu.main(["--quick", "--methods", "cam", "--precisions", "32", "--ddp", "--ddp-backend", "gloo",
+                     "--data-dir", str(tmp_path / "data")])  # fmt: skip
+    assert [r["mode"] for r in rows] == ["1 device", "ddp x2"] and all(r["images_per_s"] > 0 for r in rows)

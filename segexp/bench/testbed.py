@@ -38,7 +38,8 @@ RECIPES: dict[str, tuple[str, float] | None] = {
 }
 
 
-def _first_batch(cfg) -> dict:
+def first_batch(cfg) -> dict:
+    """The first training batch of ``cfg``'s data module (its data prepared first)."""
     from segexp.runner import build_datamodule
 
     datamodule = build_datamodule(cfg)
@@ -58,7 +59,7 @@ def step_rate(experiment: str, data_dir: Path, steps: int) -> dict:
     train_images = round(cfg.data.prepare.num_images * cfg.data.prepare.split_fractions[0])
     planned = -(-train_images // cfg.data.batch_size) * cfg.schedule.epochs  # the recipe's steps
     OmegaConf.update(cfg, "data.prepare.num_images", 64)  # a batch is all the timing needs
-    batch = _first_batch(cfg)
+    batch = first_batch(cfg)
     method = hydra.utils.instantiate(cfg.method)
     method.train()
     optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)

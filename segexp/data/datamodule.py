@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from segexp.data.collate import pad_collate
@@ -61,7 +62,7 @@ class SegDataModule(pl.LightningDataModule):
         prepare: Callable[[], Any] | None = None,
         train_keys: Sequence[str] = ("image", "mask"),
         eval_keys: Sequence[str] = ("image", "mask"),
-        pin_memory: bool = False,
+        pin_memory: bool | str = "auto",
         train_wrappers: Sequence[Callable[[Dataset], Dataset]] = (),
         eval_wrappers: Sequence[Callable[[Dataset], Dataset]] = (),
         test_sets: Mapping[str, Callable[..., Dataset]] | None = None,
@@ -84,7 +85,8 @@ class SegDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.image_size = image_size
         self.prepare = prepare
-        self.pin_memory = pin_memory
+        # page-locked batches copy to a GPU asynchronously; on CPU-only machines they only cost memory
+        self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.train_keys = tuple(train_keys)
         self.eval_keys = tuple(eval_keys)
         self.wrappers = {"train": list(train_wrappers), "eval": list(eval_wrappers)}
