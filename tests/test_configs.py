@@ -152,6 +152,24 @@ def _coarse_checkpoint(name: str, overrides: list[str], tmp_path: Path) -> list[
     return [f"coarse_ckpt={ckpt}"]
 
 
+def _cam_checkpoint(overrides: list[str], tmp_path: Path) -> list[str]:
+    """AMN experiments learn from the IR labels of a CAM network's CAMs: an untrained CAM network of
+    the matching CAM experiment on the same data, recording its method config as every training run's
+    checkpoint does, will do. ``overrides[0]`` is the AMN experiment."""
+    import hydra
+    import torch
+    from omegaconf import OmegaConf
+
+    cam = "+experiment=cam_shapes" if "_shapes" in overrides[0] else "+experiment=cam_voc"
+    cfg = compose([cam, *overrides[1:]], out_dir=tmp_path)
+    method = hydra.utils.instantiate(cfg.method)
+    config = OmegaConf.to_container(cfg.method, resolve=True)
+    method.record_provenance({"method": "cam", "method_config": config})
+    ckpt = tmp_path / "cam.ckpt"
+    torch.save({"state_dict": method.state_dict(), "hyper_parameters": dict(method.hparams)}, ckpt)
+    return [f"cam_ckpt={ckpt}"]
+
+
 @pytest.mark.parametrize("name", [s for s in SWEEPS if not s.startswith("study_")])  # studies: test_studies
 def test_every_swept_value_of_a_multirun_experiment_composes(name, tmp_path):
     from omegaconf import OmegaConf
@@ -175,6 +193,7 @@ def test_experiment_composes_and_its_method_predicts_at_the_input_size(name, tmp
     from segexp.methods.base import SegMethod
 
     overrides = [f"+experiment={name}", *TINY] + (["coarse_ckpt=unused"] if name.endswith("_fine") else [])
+    overrides += ["cam_ckpt=unused"] if "amn" in name else []
     cfg = compose(overrides, out_dir=tmp_path)
     OmegaConf.to_container(cfg, resolve=True)
     assert ("loss" in cfg) == ("loss" in cfg.method)  # a `loss` node only where the method reads it
@@ -209,6 +228,8 @@ def test_experiment_runs_fast_dev_run(name, data_dir, tmp_path):
         overrides += [f"paths.data_dir={_voc_fixture_from_synthetic(data_dir)}", "data.image_size=64"]
     if name.endswith("_fine"):
         overrides += _coarse_checkpoint(name, overrides, tmp_path)
+    if "amn" in name:
+        overrides += _cam_checkpoint(overrides, tmp_path)
     cfg = compose(overrides, out_dir=tmp_path)
     metrics = train(cfg)
     assert "test/mIoU" in metrics and "val/mIoU" in metrics

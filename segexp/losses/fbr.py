@@ -11,7 +11,11 @@ Pieces, in the order a step uses them (released file:function in brackets):
 * :func:`uncertain_mask` - the query pixels: not *sure* (class score at most the 60th percentile of
   that class's scores > 0.05 inside its own pseudo-label region, per image) and of *high entropy*
   (foreground softmax entropy above the per-image 10% quantile, background pixels counting as 0)
-  (``get_reliable_pseudo_label``).
+  (``get_reliable_pseudo_label``; the AMN variant, ``AMN/region_utils.py``: 40th percentile, 25%
+  quantile over every pixel's entropy - ``foreground_entropy_only=False``).
+* :func:`region_masked_scores` - the scores as the released ``get_reliable_pseudo_label`` leaves them
+  (each present class zeroed outside its region, in place there): what the AMN variant's prototypes
+  read under ``official_quirks`` (:mod:`segexp.methods.amn`).
 * :func:`class_prototypes` - score-weighted mean feature over the top-k scores of each class across
   the batch, L2-normalised, no gradient.
 * :func:`nroi_centroids` - per image, k-means (k = 8) over its background pixels' NROI features;
@@ -48,6 +52,7 @@ from segexp.utils.kmeans import kmeans
 __all__ = [
     "contrast_pseudo_labels",
     "uncertain_mask",
+    "region_masked_scores",
     "class_prototypes",
     "nroi_centroids",
     "contrast_logits",
@@ -102,18 +107,23 @@ def uncertain_mask(
     min_score: float = 0.05,
     entropy_rate: float = 0.1,
     bg_index: int = 0,
+    foreground_entropy_only: bool = True,
 ) -> torch.Tensor:
     """Bool (N, h, w): pixels that are neither *sure* nor of low entropy (the released
-    ``reliable_pseudo_label == 255``). Background pixels are never uncertain (entropy 0).
+    ``reliable_pseudo_label == 255``). Background pixels are never uncertain.
 
     Sure, per image and present foreground class c: ``s = scores[c]`` zeroed outside the pixels
     labelled c; with ``v`` = sorted values of ``s > min_score``, sure = ``s > v[int(len(v) * sure_rate)]``
-    (no value above ``min_score``: no sure pixel). High entropy: entropy of ``probs`` (0 on background
-    pixels) above its per-image ``entropy_rate`` quantile.
+    (no value above ``min_score``: no sure pixel). High entropy: entropy of ``probs`` above its
+    per-image ``entropy_rate`` quantile; the entropy is set to 0 on background pixels before the
+    quantile (PPC variant, ``module/train.py``) unless ``foreground_entropy_only=False`` (AMN
+    variant, ``AMN/region_utils.py``: the quantile runs over every pixel's entropy).
     """
     n = pseudo.shape[0]
     fg = pseudo != bg_index
-    entropy = -(probs * torch.log(probs + 1e-10)).sum(1) * fg
+    entropy = -(probs * torch.log(probs + 1e-10)).sum(1)
+    if foreground_entropy_only:
+        entropy = entropy * fg
     threshold = torch.quantile(entropy.reshape(n, -1), entropy_rate, dim=1)
     high = entropy > threshold[:, None, None]
     sure = torch.zeros_like(fg)
@@ -124,6 +134,20 @@ def uncertain_mask(
             if v.numel():
                 sure[i] |= s > v[int(v.numel() * sure_rate)]
     return ~sure & high & fg  # released: background pixels may get 255 too, but are never queried
+
+
+@torch.no_grad()
+def region_masked_scores(scores: torch.Tensor, pseudo: torch.Tensor, bg_index: int = 0) -> torch.Tensor:
+    """``scores`` (N, C, h, w) with each foreground class that ``pseudo`` (N, h, w) assigns in an
+    image zeroed outside that class's pixels of the image (other channels untouched): the state the
+    released ``get_reliable_pseudo_label`` leaves its score tensor in (in-place zeroing), which the
+    release's prototypes then read."""
+    out = scores.clone()
+    for i in range(pseudo.shape[0]):
+        for c in pseudo[i].unique().tolist():
+            if c != bg_index:
+                out[i, c].masked_fill_(pseudo[i] != c, 0.0)
+    return out
 
 
 @torch.no_grad()

@@ -14,9 +14,9 @@ labels + saliency, ResNet-38) and into AMN (image labels). Here the FBR terms li
   PCM + ER + ECR/OHEM + adaptive min-pooling; SEAM's 0.3x second view), an image-only variant that
   is not a released setting (``fbr_seam_voc``): ``L_SEAM`` + the same FBR terms.
 
-The AMN base is not implemented. The FBR head and loss settings are those of the released PPC
-variant (bank 50,000, weights 0.1 / 0.01, rate 0.6, entropy quantile 0.1, top-k hw/16); AMN's values
-are listed in ``conf/method/fbr_terms.yaml``.
+The FBR head and loss settings here are those of the released PPC variant (bank 50,000, weights
+0.1 / 0.01, rate 0.6, entropy quantile 0.1, top-k hw/16). FBR on the AMN base (image labels only, the
+paper's I setting) is :class:`segexp.methods.amn.FBRAMN` (``method=fbr_amn``), with AMN's values.
 
 One step, per view v of the base's two views, on a ``contrast_size`` grid (released 16 x 16):
 pseudo labels from the PCM output ``cam_rv`` (background score 0.10), uncertain pixels, class
@@ -46,7 +46,8 @@ Faithful mode computes the NROI contrast on non-detached L2-normalised ``proj_fg
 uncertain pixels with the cosine over the feature dimension of each key against the L2-normalised
 prototype, and ECR as SEAM's. Quirks mode reproduces 1-5 (the FG active-sampling contrast has
 gradients in the released PPC variant and is the same in both modes - its cosine over D does not
-see the prototype's scale; in the released AMN variant it is detached too - not reproduced).
+see the prototype's scale; in the released AMN variant it is detached too: ``FBRAMN``'s quirks
+mode reproduces that).
 
 Choices where the release is ambiguous or undesirable (all documented in the code):
 
