@@ -65,6 +65,14 @@ def run_cli(module: str, args: list[str], cwd: Path, timeout: int = 300, env: di
     )
 
 
+def config_inference(choice: str = "method=cam") -> dict:
+    """The CAM export settings (``inference``) of ``method=<name>`` as its YAML gives them: what tests
+    building a CAM-family method by hand pass as ``inference``."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(compose([choice]).method.inference, resolve=True)
+
+
 def config_weights(choice: str, **changes: float) -> dict[str, float]:
     """The loss-term weights of ``group=option`` (e.g. ``method=seam``) as its YAML gives them - their
     one home - with ``changes``: what tests building a method by hand pass as ``weights``."""

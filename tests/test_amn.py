@@ -25,7 +25,7 @@ from segexp.losses.fbr import (
 )
 from segexp.methods.affinitynet import labels_on_grid
 from segexp.models.fbr import NROIBank
-from tests.conftest import config_weights
+from tests.conftest import config_inference, config_weights
 
 NAMES = [str(i) for i in range(21)]
 
@@ -196,7 +196,7 @@ def _cam_inputs():
 def _amn_method(net, **kwargs):
     from segexp.methods.amn import AMN
 
-    inference = {"scales": [1.0], "flip": True, "resize_mode": "bicubic"}
+    inference = {**config_inference("method=amn"), "scales": [1.0], "flip": True}
     return AMN(model=net, num_classes=21, class_names=NAMES, schedule={},
                weights=config_weights("method=amn"), inference=inference, **kwargs)
 
@@ -258,7 +258,7 @@ def _amn_method_small(net, cls=None, **kwargs):
     cls = cls or AMN
     name = "method=fbr_amn" if cls.__name__ == "FBRAMN" else "method=amn"
     return cls(model=net, num_classes=4, class_names=list("abcd"), schedule={}, weights=config_weights(name),
-               inference={"scales": [1.0], "flip": False}, **kwargs)
+               inference={**config_inference("method=amn"), "scales": [1.0], "flip": False}, **kwargs)
 
 
 # -- FBR on AMN: the contrast grid and Compled_reco (AMN/region_utils.py) ----------------------------
@@ -377,7 +377,7 @@ def _small_fbr_amn(quirks, **weights):
     net = AMNNet(backbone, 4, rates=(1, 2), fbr_dim=16)
     m = FBRAMN(model=net, num_classes=4, class_names=list("abcd"), schedule={},
                weights=config_weights("method=fbr_amn", **weights), official_quirks=quirks, bank_size=256,
-               inference={"scales": [1.0], "flip": False})
+               inference={**config_inference("method=fbr_amn"), "scales": [1.0], "flip": False})
     m.bank.push(torch.rand(32, 16))
     return m
 

@@ -21,7 +21,7 @@ from segexp.losses.fbr import (
 )
 from segexp.losses.seam import max_onehot
 from segexp.models.fbr import NROIBank
-from tests.conftest import config_weights
+from tests.conftest import config_inference, config_weights
 
 
 def _hand_batch():
@@ -206,6 +206,7 @@ def test_method_nroi_term_trains_proj_fg_only_when_faithful(quirks):
         bank_size=64,
         entropy_rate=0.0,
         bg_score=0.5,
+        inference=config_inference(),
     )
     m.banks[0].push(torch.randn(16, 128))
     m.banks[1].push(torch.randn(16, 128))
@@ -225,7 +226,7 @@ def test_unknown_loss_weight_is_rejected_with_its_name():
     net = FBRNet(Backbone("resnet18", output_stride=8), num_classes=3, background_first=True, pcm={})
     with pytest.raises(ValueError, match="nroj"):
         FBR(model=net, num_classes=3, class_names=list("abc"), schedule={},
-            weights=config_weights("method=fbr", nroj=0.1))
+            weights=config_weights("method=fbr", nroj=0.1), inference=config_inference())
 
 
 def test_fbr_heads_are_built_as_released():
@@ -381,7 +382,8 @@ def test_method_passes_the_raw_prototype_to_the_nroi_term_only_under_quirks(quir
     net = FBRNet(Backbone("resnet18", output_stride=8), num_classes=4, background_first=True, pcm={})
     weights = {k: 0.0 for k in ("cls", "er", "ecr", "amp", "sim", "bg_seg", "fg")} | {"nroi": 1.0}
     m = FBR(model=net, num_classes=4, class_names=list("abcd"), schedule={}, weights=weights,
-            official_quirks=quirks, contrast_size=8, bank_size=64, entropy_rate=0.0, bg_score=0.5)
+            official_quirks=quirks, contrast_size=8, bank_size=64, entropy_rate=0.0, bg_score=0.5,
+            inference=config_inference())
     views = m._views(torch.randn(2, 3, 64, 64))
     labels = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
     grids = m.contrast_grids(views, labels)

@@ -23,7 +23,7 @@ import torch
 from segexp.methods.ppc import PPC
 from segexp.models.backbone import Backbone
 from segexp.models.fbr import FBRNet
-from tests.conftest import config_weights
+from tests.conftest import config_inference, config_weights
 
 N, K, D, GRID1, GRID2, VIEW = 2, 20, 8, 24, 16, 32
 BG_FIRST = [K, *range(K)]  # release channel order (bg last) -> segexp's (bg first)
@@ -106,6 +106,7 @@ def _method(official_quirks: bool) -> PPC:
         view_size=VIEW,
         contrast_size=GRID2,
         official_quirks=official_quirks,
+        inference=config_inference("method=ppc"),
     )
 
 

@@ -22,6 +22,7 @@ from segexp.stages.subcategory import (
     subcategory_labels,
 )
 from segexp.utils.kmeans import kmeans
+from tests.conftest import config_inference
 
 
 # -- sub-category labels ------------------------------------------------------------------------
@@ -268,7 +269,7 @@ def _method(k: int = 2, **kw) -> SCCAM:
         num_classes=3,
         class_names=["bg", "a", "b"],
         schedule={},
-        inference={"scales": [1.0], "flip": False},
+        inference={**config_inference(), "scales": [1.0], "flip": False},
         **kw,
     )
 
@@ -314,7 +315,8 @@ def test_merged_cam_is_the_max_over_sub_categories_normalised_jointly():
 def test_mismatched_k_between_method_and_model_is_rejected():
     model = SubCategoryCAMNet(TinyBackbone(), num_classes=3, num_subcategories=4)
     with pytest.raises(ValueError, match="num_subcategories=2"):
-        SCCAM(model, num_subcategories=2, num_classes=3, class_names=["bg", "a", "b"], schedule={})
+        SCCAM(model, num_subcategories=2, num_classes=3, class_names=["bg", "a", "b"], schedule={},
+              inference=config_inference())
 
 
 def test_sub_head_learns_cluster_labels_beyond_chance():

@@ -15,7 +15,7 @@ from segexp.losses.seam import (
     with_background,
 )
 from segexp.models.pcm import pcm_affinity, pcm_input, pcm_propagate
-from tests.conftest import config_weights
+from tests.conftest import config_inference, config_weights
 
 
 def _down(x, size):
@@ -108,7 +108,7 @@ def seam_method():
     )
     sched = {"optimizer": None, "lr_mult": {}, "scheduler": {}}
     return SEAM(model=model, num_classes=4, class_names=["bg", "a", "b", "c"], schedule=sched,
-                weights=config_weights("method=seam"))
+                weights=config_weights("method=seam"), inference=config_inference("method=seam"))
 
 
 def _grads(module):

@@ -28,13 +28,18 @@ def _crf_job(args):
 
 
 def bench_cam_export(size: int, n: int) -> dict:
+    from omegaconf import OmegaConf
+
     from segexp.methods.cam import CAM
     from segexp.models.backbone import Backbone
     from segexp.models.cam_head import CAMNet
+    from segexp.pipeline.compose import compose
 
     torch.manual_seed(0)
     net = CAMNet(Backbone("resnet18", output_stride=8), num_classes=21)
-    m = CAM(model=net, num_classes=21, class_names=[str(i) for i in range(21)], schedule={}).eval()
+    inference = OmegaConf.to_container(compose(["method=cam"]).method.inference)  # the export passes
+    m = CAM(model=net, num_classes=21, class_names=[str(i) for i in range(21)], schedule={},
+            inference=inference).eval()  # fmt: skip
     x = torch.randn(1, 3, size, size)
     labels = torch.zeros(1, 20)
     labels[0, :2] = 1

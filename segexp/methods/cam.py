@@ -83,6 +83,8 @@ def sum_over_passes(
     return total
 
 
+INFERENCE_KEYS = ("scales", "flip", "resize_mode")  # CAM export passes (infer_*.py)
+
 class CAM(SegMethod):
     """CAM classifier. ``model`` is a :class:`~segexp.models.cam_head.CAMNet` with ``num_classes - 1``
     outputs (foreground only) or ``num_classes`` with ``background_first`` (SEAM)."""
@@ -106,11 +108,15 @@ class CAM(SegMethod):
         self.bg_threshold = float(bg_threshold)
         self.cls_weight = float(cls_weight)
         inference = dict(inference or {})
-        self.scales: tuple[float, ...] = tuple(
-            float(s) for s in inference.get("scales", (0.5, 1.0, 1.5, 2.0))
-        )
-        self.flip: bool = bool(inference.get("flip", True))
-        self.resize_mode: str = str(inference.get("resize_mode", "bicubic"))
+        missing = [key for key in INFERENCE_KEYS if inference.get(key) is None]
+        if missing:  # their one home is the method's YAML (conf/method/cam.yaml); no fallback here
+            raise ValueError(
+                f"method.inference.{missing[0]} is not set: CAM methods read scales, flip and resize_mode "
+                "from conf/method/<name>.yaml (cam.yaml for the CAM family)"
+            )
+        self.scales: tuple[float, ...] = tuple(float(s) for s in inference["scales"])
+        self.flip: bool = bool(inference["flip"])
+        self.resize_mode: str = str(inference["resize_mode"])
         self.val_curve = CAMThresholdCurve(num_classes=self.num_classes, ignore_index=self.ignore_index)
         self.val_cls_f1 = MultilabelF1Score(num_labels=self.num_classes - 1, average="micro", threshold=0.5)
 
