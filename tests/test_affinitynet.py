@@ -285,13 +285,25 @@ def test_affinity_label_stage_caches_combined_crf_maps(rw_setup):
     assert labels.run(reader)["computed"] == 0
 
 
-def test_rw_stage_without_a_trained_affinitynet_says_how_to_get_one(rw_setup):
+def test_rw_stage_without_a_trained_affinitynet_says_how_to_get_one(rw_setup, tmp_path):
+    from omegaconf import OmegaConf
+
     from segexp.stages.random_walk import RandomWalkStage
 
     reader, cams, labels, _, cache = rw_setup
+    from segexp.utils.errors import UserError
+
     stage = RandomWalkStage(cams, cache_dir=cache, device="cpu", progress=False)
-    with pytest.raises(FileNotFoundError, match="stage.affinity_ckpt"):
+    with pytest.raises(UserError, match="stage.affinity_ckpt"):
         stage.run(reader)
+    other = tmp_path / "cam_run" / "checkpoints" / "last.ckpt"  # another method's checkpoint
+    other.parent.mkdir(parents=True)
+    config = OmegaConf.create({"method": {"_target_": "segexp.methods.cam.CAM"}})
+    OmegaConf.save(config, other.parents[1] / "config.yaml")
+    torch.save({"state_dict": {}}, other)
+    wrong = RandomWalkStage(cams, affinity_ckpt=other, cache_dir=cache, device="cpu", progress=False)
+    with pytest.raises(UserError, match="not AffinityNet"):
+        wrong.method_config()
 
 
 # -- the pipeline -------------------------------------------------------------------------------------

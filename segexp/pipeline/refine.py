@@ -1,7 +1,7 @@
 """Step 3: every stage named in ``pipeline.refine`` (``pipeline.stages.<name>``: crf, rw, rw_psa)
 refines the exported CAMs; pseudo-label mIoU after each. A stage that walks on learned affinities
 (``affinity_ckpt: null`` in its config) gets the AffinityNet the ``affinity`` step trains for these
-CAMs."""
+CAMs; IRN's walk (``irn_ckpt: null``) the IRN the ``irn`` step trains (:mod:`segexp.pipeline.irn`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import hydra
 
 from segexp.pipeline.affinity import train_affinitynet
 from segexp.pipeline.compose import container
+from segexp.pipeline.irn import train_irn
 from segexp.pipeline.runs import PipelineContext
 from segexp.utils.errors import UserError
 
@@ -28,6 +29,8 @@ def stage_config(context: PipelineContext, name: str, cam_cfg: dict[str, Any]) -
     node["cam_stage"] = cam_cfg
     if "affinity_ckpt" in node and node["affinity_ckpt"] is None:
         node["affinity_ckpt"] = train_affinitynet(context, cam_cfg, name)
+    if "irn_ckpt" in node and node["irn_ckpt"] is None:
+        node["irn_ckpt"] = train_irn(context, cam_cfg, name)
     return node
 
 

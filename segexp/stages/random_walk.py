@@ -32,9 +32,8 @@ from segexp.data.transforms import image_tensor
 from segexp.inference.random_walk import random_walk, rw_scores, sparse_affinity
 from segexp.stages.base import LabelStage, Stage
 from segexp.stages.crf import class_lut
-from segexp.utils.checkpoints import load_method, method_config_of
+from segexp.stages.network import TrainedNetwork
 from segexp.utils.device import resolve_device
-from segexp.utils.hashing import file_key
 
 __all__ = ["RandomWalkStage", "random_walk_label", "affinity_of"]
 
@@ -74,7 +73,7 @@ def random_walk_label(
     return up.argmax(0).cpu().numpy()
 
 
-class RandomWalkStage(LabelStage):
+class RandomWalkStage(TrainedNetwork, LabelStage):
     """CAMs of ``cam_stage`` -> AffinityNet random-walk label maps (uint8, 0 = background), cached.
 
     Args:
@@ -83,6 +82,14 @@ class RandomWalkStage(LabelStage):
         beta, logt, alpha: random walk (SEAM 8, 6, 6; psa 8, 8, 16).
         device: ``auto`` = cuda when available; workers: processes (CPU), null = 1.
     """
+
+    ckpt_key, network_name, network_method, pipeline_step = (
+        "affinity_ckpt", "AffinityNet", "method=affinitynet", "affinity"
+    )
+
+    @staticmethod
+    def accepts(target: str) -> bool:
+        return "affinitynet" in target.lower()
 
     def __init__(
         self,
@@ -112,41 +119,10 @@ class RandomWalkStage(LabelStage):
         self._method = None
         self._method_cfg: dict[str, Any] | None = None
 
-    def checkpoint(self) -> str:
-        if self.affinity_ckpt is None:
-            raise FileNotFoundError(
-                f"{self.name} stage: no AffinityNet checkpoint: set stage.affinity_ckpt=<ckpt> "
-                "(a method=affinitynet "
-                "run), or run the pipeline with this stage (its affinity step trains one)"
-            )
-        if not Path(self.affinity_ckpt).is_file():
-            raise FileNotFoundError(
-                f"{self.name} stage: AffinityNet checkpoint {self.affinity_ckpt!r} not found"
-            )
-        return self.affinity_ckpt
-
-    def method_config(self) -> dict[str, Any]:
-        """The AffinityNet config its checkpoint records."""
-        if self._method_cfg is None:
-            config = method_config_of(self.checkpoint())
-            if "affinitynet" not in str(config.get("_target_", "")).lower():
-                raise ValueError(
-                    f"{self.affinity_ckpt}: method is {config.get('_target_')}, not an AffinityNet"
-                )
-            self._method_cfg = config
-        return self._method_cfg
-
-    @property
-    def method(self):
-        if self._method is None:
-            self._method = load_method(self.checkpoint(), self.method_config(), self.device)
-        return self._method
-
     def settings(self) -> dict[str, Any]:
-        method = {k: v for k, v in self.method_config().items() if k not in ("schedule", "panels")}
         return {
             "cams": self.cam_stage.settings(),
-            "affinity": {"ckpt": file_key(self.checkpoint()), "method": method},
+            "affinity": self.network_settings(),
             "beta": self.beta,
             "logt": self.logt,
             "alpha": self.alpha,

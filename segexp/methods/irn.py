@@ -1,0 +1,121 @@
+"""IRN (``method=irn``): IRNet learns class boundaries and displacements from inter-pixel relation labels
+(Ahn, Cho & Kwak, CVPR 2019; ``jiwoon-ahn/irn : step/train_irn.py``; the same file in ``gaviotas/AMN``).
+
+A training sample carries ``pseudo``: the IR labels of :class:`segexp.stages.ir_labels.IRLabelStage`
+(class id = confident foreground, 0 = confident background, 255 = uncertain). One step:
+
+* boundary logits and displacements on the stride-4 grid (:class:`~segexp.models.irn.IRNet`);
+* labels brought to that grid at the cell centres (``nearest-exact``; the release's PIL nearest
+  0.25 rescale of the crop samples the same pixels, ``4 i + 2``);
+* pairs of the :class:`~segexp.losses.irn.PathIndex` with radius 10 (``train_irn.py``); a grid too small
+  for it uses ``(min side - 1) // 2`` (psa's rule; the release only sees 128 x 128 grids);
+* loss = weighted :func:`~segexp.losses.irn.irn_terms` (``bg_pos``, ``fg_pos``, ``neg``, ``dp_fg``, ``dp_bg``;
+  weights in ``conf/method/irn.yaml``).
+
+Optimisation as released: the backbone is frozen, the boundary branch trains at the base lr and the
+displacement branch at 10x (parameter groups ``edge`` and ``displacement``, weight decay on every
+parameter incl. biases and GroupNorm); ``conf/pipeline/irn/default.yaml`` sets the schedule.
+
+Validation/test: pair accuracy of the boundary affinities against pairs built from the GT masks
+(``val/aff_balanced_acc``, as AffinityNet).
+
+Against the release (``jiwoon-ahn/irn@a2ece00``; numbers in ``tests/test_irn.py``):
+
+* matched to float rounding: path index, pair labels, every loss term and its gradients, the heads of
+  IRNet (values, gradients), the boundary map, the walk and its labels, the IR labels;
+* SGD with momentum 1e-4 (PolyOptimizer's positional slip) and poly 0.9: reproduced in
+  ``conf/pipeline/irn/default.yaml``;
+* intentionally different: ResNet-50's layer4 is dilated here (timm, see :mod:`segexp.models.irn`);
+  crops are padded black before normalisation (release: 0 after it, the mean colour); grids smaller
+  than ``2 r + 1`` shrink the radius (the release's crops give 128 x 128 grids only);
+* not done: the release's pass over the inference list after training that stores the mean
+  displacement in the mean shift (only its instance segmentation reads the displacement field).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from segexp.losses.affinity import PAIR_KINDS
+from segexp.losses.irn import IRN_TERMS, PathIndex, boundary_affinity, irn_terms, path_index
+from segexp.losses.weights import term_weights
+from segexp.methods.affinitynet import AffinityNetMethod, labels_on_grid
+from segexp.models.affinitynet import effective_radius
+from segexp.models.param_groups import GROUP_NAMES
+
+__all__ = ["IRN"]
+
+
+class IRN(AffinityNetMethod):
+    """Trains :class:`~segexp.models.irn.IRNet` on IR labels (module docstring). The validation pair
+    accuracy is AffinityNet's, on the boundary affinities.
+
+    Args:
+        model: the IRNet.
+        radius: pair radius on the stride-4 grid (release: 10).
+        weights: loss weight of each of :data:`~segexp.losses.irn.IRN_TERMS`.
+        eps: inside the logarithms (1e-5).
+        label_key: the batch key holding IR labels (``pseudo``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str = "irn",
+        radius: int = 10,
+        weights: Mapping[str, float] | None = None,
+        eps: float = 1e-5,
+        label_key: str = "pseudo",
+        **base: Any,
+    ):
+        w = term_weights(weights, IRN_TERMS)  # conf/method/irn.yaml (train_irn.py)
+        pair_weights = {k: w[k] for k in PAIR_KINDS}
+        super().__init__(
+            model, name=name, radius=radius, weights=pair_weights, eps=eps, label_key=label_key, **base
+        )
+        self.weights = w
+
+    def path_index(self, size: tuple[int, int]) -> PathIndex:
+        h, w = size
+        return path_index(effective_radius(h, w, self.radius), h, w)
+
+    def affinities(self, images: torch.Tensor):
+        """Boundary affinities (N, P) of ``images`` with their (from, to) indices and the grid size."""
+        boundary, _ = self(images)
+        size = tuple(boundary.shape[-2:])
+        index = self.path_index(size)
+        src, dst = index.pairs(boundary.device)
+        return boundary_affinity(torch.sigmoid(boundary.float()), index).flatten(1), src, dst, size
+
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.label_key not in batch:
+            raise KeyError(
+                f"irn: the batch has no {self.label_key!r} (IR labels); train it through the irn pipeline "
+                "step (segexp.pipeline.irn) or add a PseudoLabels wrapper of conf/stage/ir_labels.yaml"
+            )
+        boundary, disp = self(batch["image"])
+        size = tuple(boundary.shape[-2:])
+        labels = labels_on_grid(batch[self.label_key], size)
+        terms = irn_terms(
+            boundary.float(), disp.float(), labels, self.path_index(size), self.ignore_index, self.eps
+        )
+        return {k: self.weights[k] * v for k, v in terms.items()}
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(
+            "irn predicts boundaries and displacements, not classes: use it through the irn stage "
+            "(conf/stage/irn.yaml)"
+        )
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """``edge`` and ``displacement`` (release: lr x1 and x10, both decayed), a trainable backbone
+        under ``backbone``; the other standard groups empty so any schedule's ``lr_mult`` applies."""
+        groups: dict[str, list[nn.Parameter]] = {k: [] for k in GROUP_NAMES}
+        groups["backbone"] = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        groups["edge"] = list(self.model.edge_layers.parameters())
+        groups["displacement"] = list(self.model.dp_layers.parameters())
+        return groups
