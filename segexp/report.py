@@ -34,6 +34,7 @@ from pathlib import Path
 
 import yaml
 
+from segexp.metrics.testbed import DIAGNOSTICS_FILE
 from segexp.utils.atomic import atomic_path, write_text
 
 #: overrides that say where or how a job ran, not what it is
@@ -113,6 +114,9 @@ def read_job(path: Path) -> Job:
     if not metrics_file.is_file():
         return Job(path, overrides, None)
     metrics = {k: float(v) for k, v in json.loads(metrics_file.read_text()).items() if v is not None}
+    diagnostics = path / DIAGNOSTICS_FILE  # `segexp.testbed` mechanism diagnostics, when the run made them
+    if diagnostics.is_file():
+        metrics.update(_flatten(json.loads(diagnostics.read_text()), "testbed/"))
     start = path / ".hydra" / "config.yaml"  # written when the job starts
     wall = metrics_file.stat().st_mtime - start.stat().st_mtime if start.is_file() else None
     return Job(path, overrides, metrics, wall)

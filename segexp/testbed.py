@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from pycocotools import mask as coco_mask
@@ -42,7 +43,7 @@ from segexp.data.synth import (
     stuff_category_id,
 )
 from segexp.data.testbed import Testbed
-from segexp.metrics.testbed import CoocDiagnostics, PartDiagnostics, subtype_purity
+from segexp.metrics.testbed import DIAGNOSTICS_FILE, CoocDiagnostics, PartDiagnostics, subtype_purity
 from segexp.utils.atomic import write_json
 
 __all__ = ["diagnose", "main"]
@@ -177,15 +178,39 @@ def diagnose(run_dir: str | Path, root: str | Path | None = None, ckpt: str = "l
     """The mechanism diagnostics of a run (see the module docstring)."""
     run_dir = Path(run_dir)
     method, run_root = _load_run(run_dir, ckpt)
-    data = _Root(Path(root) if root is not None else run_root)
-    report: dict[str, Any] = {"run": str(run_dir), "root": str(data.layout.root), "ckpt": ckpt}
+    return {"run": str(run_dir), "ckpt": ckpt, **diagnose_method(method, root or run_root, limit)}
+
+
+def diagnose_method(method, root: str | Path, limit: int | None = None) -> dict[str, Any]:
+    """The mechanism diagnostics of a method (eval mode) on a generated root."""
+    data = _Root(Path(root))
+    report: dict[str, Any] = {"root": str(data.layout.root)}
     if data.testbed.cooc is not None:
         report["cooc"] = _cooc_report(method, data, limit)
     if data.testbed.parts is not None:
         report["parts"] = _parts_report(method, data, limit)
-    if len(report) == 3:
+    if len(report) == 1:
         raise ValueError(f"{data.layout.root}: its testbed has neither cooc nor parts; nothing to diagnose")
     return report
+
+
+class DiagnosticsCallback(pl.Callback):
+    """Runs the diagnostics on the trained network at the end of ``fit`` and writes them to
+    ``<run>/testbed_diagnostics.json``, which ``segexp.report`` reads beside ``metrics.json`` (as
+    ``testbed/...``): a study's multirun then tabulates them like any metric
+    (``callbacks.testbed_diagnostics`` in ``conf/experiment/study_fbr.yaml``)."""
+
+    def __init__(self, root: str | Path, output_dir: str | Path, limit: int | None = None):
+        self.root, self.output_dir, self.limit = Path(root), Path(output_dir), limit
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        report = diagnose_method(pl_module.cpu(), self.root, self.limit)
+        pl_module.to(trainer.strategy.root_device).train(was_training)
+        write_json(self.output_dir / DIAGNOSTICS_FILE, {"ckpt": "end of fit", **report})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    write_json(args.run_dir / "testbed_diagnostics.json", report)
+    write_json(args.run_dir / DIAGNOSTICS_FILE, report)
     print(json.dumps(report, indent=2))
     return 0
 

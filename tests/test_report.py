@@ -183,3 +183,16 @@ def test_nan_metric_is_left_out_of_the_mean(tmp_path):
     _, (group,) = rp.group_jobs(rp.find_jobs([sweep]))
     assert group.values("x") == [1.0]
     assert math.isnan(rp.mean_std(group.values("x"))[1])
+
+
+def test_testbed_diagnostics_beside_metrics_are_metrics_too(tmp_path):
+    """A run's `testbed_diagnostics.json` (segexp.testbed) joins its metrics as testbed/...; the
+    strings in it (run, root) are not metrics."""
+    for seed, fp in enumerate((0.2, 0.4)):
+        job = make_job(tmp_path / "multirun", seed, [f"seed={seed}"], {"val/cam_best_mIoU": 0.3})
+        diagnostics = {"root": "/data/x", "cooc": {"circle/water": {"fp_rate/stuff_without_class": fp}}}
+        (job / "testbed_diagnostics.json").write_text(json.dumps(diagnostics))
+    (group,) = rp.group_jobs(rp.find_jobs([tmp_path / "multirun"]))[1]
+    fp_rates = group.values("testbed/cooc/circle/water/fp_rate/stuff_without_class")
+    assert rp.mean_std(fp_rates)[0] == pytest.approx(0.3)
+    assert not any(m.startswith("testbed/root") for m in group.done[0].metrics)

@@ -49,6 +49,10 @@ STUDIES = {
         ["val/cam_best_mIoU", "val/cls_F1"],
         {"variant": ["cam", "er", "er_pcm", "er_pcm_ohem"]},
     ),
+    "study_fbr": (
+        ["val/cam_best_mIoU", "testbed/cooc/circle/water/fp_rate/stuff_without_class"],
+        {"variant": ["base", "fbr", "quirks"]},
+    ),
     "study_sccam": (
         ["rounds/0/cam/best_mIoU", "rounds/1/cam/best_mIoU", "rounds/1/clusters/subtype_purity"],
         {"variant": ["rounds", "k2", "k5"]},

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+DIAGNOSTICS_FILE = "testbed_diagnostics.json"  # a run's diagnostics (segexp.testbed), read by segexp.report
+
 __all__ = ["CoocDiagnostics", "PartDiagnostics", "purity"]
 
 
