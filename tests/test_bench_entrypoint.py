@@ -54,3 +54,28 @@ def test_gpu_bench_ddp_step_on_two_cpu_processes(tmp_path):
     rows = gpu.main(["--quick", "--methods", "cam", "--precisions", "32", "--ddp", "--ddp-backend", "gloo",
                      "--data-dir", str(tmp_path / "data")])  # fmt: skip
     assert [r["mode"] for r in rows] == ["1 device", "ddp x2"] and all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_methods_bench_reference_is_the_plain_loss_of_the_same_network(tmp_path):
+    """`segexp.bench methods`: for the plain CAM method the reference *is* its loss (same value), and for
+    SEAM it is that loss on SEAM's own network (one forward, no second view, no ER/PCM terms)."""
+    import torch
+
+    from segexp.bench.gpu import build_method, paper_setting, testbed_batch, total_loss
+    from segexp.bench.methods import reference_loss
+    from segexp.methods.cam import CAM
+
+    for name in ("cam", "seam"):
+        cfg, _, _ = paper_setting(name, quick=True)
+        batch = testbed_batch(cfg, name, 64, 2, tmp_path / "data")
+        torch.manual_seed(0)
+        method = build_method(cfg, torch.device("cpu"), False, False).eval()  # eval: no dropout draws
+        with torch.no_grad():
+            plain = reference_loss(method)(batch)
+            full = total_loss(method)(batch)
+            cam_loss = CAM.compute_losses(method, batch)["cls"]
+        assert plain.item() == pytest.approx(cam_loss.item())
+        if name == "cam":
+            assert plain.item() == pytest.approx(full.item())
+        else:  # SEAM's loss has more terms than the plain one
+            assert len(method.compute_losses(batch)) > 1

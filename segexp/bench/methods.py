@@ -1,0 +1,128 @@
+"""Each method's training step against an honest reference: ``python -m segexp.bench methods``.
+
+The reference is the *same network* (the paper's backbone and head, built by the method itself) trained
+with a plain loss on the same batch, so the ratio is what the method's own machinery costs (extra views,
+modules like the PCM, the paper's loss terms), not what its network costs:
+
+* CAM family (SEAM, SC-CAM, PPC, FBR, AMN): one forward of the method's network and the plain CAM loss
+  (:meth:`segexp.methods.cam.CAM.compute_losses`: multi-label soft margin on the GAP of the CAM) - the
+  ``cam`` method itself, on the method's network;
+* everything else: cross-entropy of ``predict(images)`` (the method's class scores at input size: the
+  network's main output) against the batch's mask, or its saliency cut at 0.5 for SOD methods.
+
+Per method: seconds per step of both, the ratio (target <= 1.15x, issue #19 item 3) and each loss term's
+share, measured by dropping one term at a time (``weights.<term>=0``) where the method reads weights.
+Network and batch: the paper experiment at ``--size`` px and batch ``--batch`` (CPU-sized defaults) on a
+testbed batch (``segexp.bench.gpu``'s setting). Report the machine's load with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from segexp.bench.gpu import METHODS, build_method, make_step, paper_setting, testbed_batch, total_loss
+
+
+def reference_loss(method):
+    """The plain loss of ``method``'s own network (module docstring)."""
+    from segexp.methods.cam import CAM
+
+    if isinstance(method, CAM):
+        return lambda batch: CAM.compute_losses(method, batch)["cls"]
+
+    def plain(batch: dict[str, Any]) -> torch.Tensor:
+        scores = method.predict(batch["image"])
+        if "mask" in batch:
+            target = batch["mask"].long()
+        else:
+            target = (batch["saliency"] > 0.5).long().reshape(scores.shape[0], *scores.shape[-2:])
+        return F.cross_entropy(scores, target, ignore_index=255)
+
+    return plain
+
+
+def seconds_per_step(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
+def measure(name: str, args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    cfg, _, _ = paper_setting(name, quick=True)
+    batch = testbed_batch(cfg, name, args.size, args.batch, data_dir)
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    method = build_method(cfg, device, False, False)
+    row: dict[str, Any] = {"method": name, "backbone": str(cfg.backbone.name), "size": args.size,
+                           "batch": args.batch}  # fmt: skip
+    full = seconds_per_step(make_step(method, total_loss(method), batch, device, "32"), 1, args.steps)
+    plain = seconds_per_step(make_step(method, reference_loss(method), batch, device, "32"), 1, args.steps)
+    row.update(method_s=round(full, 4), reference_s=round(plain, 4), ratio=round(full / plain, 2))
+    weights = cfg.method.get("weights")
+    if args.terms and weights:
+        for term in OmegaConf.to_container(weights, resolve=True):
+            if float(weights[term]) == 0:
+                continue
+            OmegaConf.update(cfg, f"method.weights.{term}", 0.0)
+            try:
+                torch.manual_seed(0)
+                without = build_method(cfg, device, False, False)
+                step = make_step(without, total_loss(without), batch, device, "32")
+                row[f"share/{term}"] = round(1 - seconds_per_step(step, 1, args.steps) / full, 2)
+            except Exception as exc:  # a term another one needs cannot be dropped alone
+                row[f"share/{term}"] = f"n/a ({type(exc).__name__})"
+            OmegaConf.update(cfg, f"method.weights.{term}", float(weights[term]))
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m segexp.bench methods",
+                                     description=__doc__.split("\n")[0])  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="two methods, 64 px, 1 step")
+    parser.add_argument("--methods", nargs="*", default=None, help=f"default: all of {list(METHODS)}")
+    parser.add_argument("--size", type=int, default=None, help="px (default 128; 64 with --quick)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3; 1 with --quick)")
+    parser.add_argument("--terms", action="store_true", help="also each loss term's share (one run per term)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    args.size = args.size or (64 if args.quick else 128)
+    args.steps = args.steps or (1 if args.quick else 3)
+    names = args.methods or (["cam", "seam"] if args.quick else list(METHODS))
+    print(f"CPU, {torch.get_num_threads()} threads, {args.size} px, batch {args.batch}, "
+          f"{args.steps} timed steps")  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="segexp-bench-methods-") as tmp:
+        for name in names:
+            try:
+                rows.append(measure(name, args, Path(tmp) / "data"))
+            except Exception as exc:
+                traceback.print_exc()
+                rows.append({"method": name, "error": f"{type(exc).__name__}: {exc}"})
+            r = rows[-1]
+            shown = r.get("error") or (f"{r['method_s']:.3f} s vs reference {r['reference_s']:.3f} s = "
+                                       f"{r['ratio']:.2f}x")  # fmt: skip
+            shares = {k[6:]: v for k, v in r.items() if k.startswith("share/")}
+            print(f"{name:10s} {r.get('backbone', ''):14s} {shown}" + (f"  terms {shares}" if shares else ""),
+                  flush=True)  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
