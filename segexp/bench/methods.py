@@ -10,8 +10,9 @@ modules like the PCM, the paper's loss terms), not what its network costs:
 * everything else: cross-entropy of ``predict(images)`` (the method's class scores at input size: the
   network's main output) against the batch's mask, or its saliency cut at 0.5 for SOD methods.
 
-Per method: seconds per step of both, the ratio (target <= 1.15x, issue #19 item 3) and each loss term's
-share, measured by dropping one term at a time (``weights.<term>=0``) where the method reads weights.
+Per method: median seconds per step of both, timed in alternation, the ratio (target <= 1.15x,
+issue #19 item 3) and each loss term's share, measured by dropping one term at a time
+(``weights.<term>=0``) where the method reads weights.
 Network and batch: the paper experiment at ``--size`` px and batch ``--batch`` (CPU-sized defaults) on a
 testbed batch (``segexp.bench.gpu``'s setting). Report the machine's load with the figures.
 """
@@ -50,13 +51,21 @@ def reference_loss(method):
     return plain
 
 
-def seconds_per_step(step, warmup: int, steps: int) -> float:
-    for _ in range(warmup):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t0) / steps
+def paired_seconds(steps: dict[str, Any], warmup: int, rounds: int) -> dict[str, float]:
+    """Median seconds per step of each of ``steps``, taken in alternation (A, B, A, B, ...), so a
+    change of the machine's load during the measurement falls on all of them alike."""
+    import statistics
+
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def measure(name: str, args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
@@ -69,8 +78,15 @@ def measure(name: str, args: argparse.Namespace, data_dir: Path) -> dict[str, An
     method = build_method(cfg, device, False, False)
     row: dict[str, Any] = {"method": name, "backbone": str(cfg.backbone.name), "size": args.size,
                            "batch": args.batch}  # fmt: skip
-    full = seconds_per_step(make_step(method, total_loss(method), batch, device, "32"), 1, args.steps)
-    plain = seconds_per_step(make_step(method, reference_loss(method), batch, device, "32"), 1, args.steps)
+    timed = paired_seconds(
+        {
+            "method": make_step(method, total_loss(method), batch, device, "32"),
+            "reference": make_step(method, reference_loss(method), batch, device, "32"),
+        },
+        warmup=1,
+        rounds=args.steps,
+    )
+    full, plain = timed["method"], timed["reference"]
     row.update(method_s=round(full, 4), reference_s=round(plain, 4), ratio=round(full / plain, 2))
     weights = cfg.method.get("weights")
     if args.terms and weights:
@@ -82,7 +98,9 @@ def measure(name: str, args: argparse.Namespace, data_dir: Path) -> dict[str, An
                 torch.manual_seed(0)
                 without = build_method(cfg, device, False, False)
                 step = make_step(without, total_loss(without), batch, device, "32")
-                row[f"share/{term}"] = round(1 - seconds_per_step(step, 1, args.steps) / full, 2)
+                pair = paired_seconds({"full": make_step(method, total_loss(method), batch, device, "32"),
+                                       "without": step}, warmup=1, rounds=args.steps)  # fmt: skip
+                row[f"share/{term}"] = round(1 - pair["without"] / pair["full"], 2)
             except Exception as exc:  # a term another one needs cannot be dropped alone
                 row[f"share/{term}"] = f"n/a ({type(exc).__name__})"
             OmegaConf.update(cfg, f"method.weights.{term}", float(weights[term]))
@@ -96,12 +114,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--methods", nargs="*", default=None, help=f"default: all of {list(METHODS)}")
     parser.add_argument("--size", type=int, default=None, help="px (default 128; 64 with --quick)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 3; 1 with --quick)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed rounds, medians taken (default 5; 1 with --quick)")  # fmt: skip
     parser.add_argument("--terms", action="store_true", help="also each loss term's share (one run per term)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     args.size = args.size or (64 if args.quick else 128)
-    args.steps = args.steps or (1 if args.quick else 3)
+    args.steps = args.steps or (1 if args.quick else 5)
     names = args.methods or (["cam", "seam"] if args.quick else list(METHODS))
     print(f"CPU, {torch.get_num_threads()} threads, {args.size} px, batch {args.batch}, "
           f"{args.steps} timed steps")  # fmt: skip
