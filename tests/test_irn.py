@@ -28,6 +28,7 @@ from torch import nn
 from segexp.inference.irn_random_walk import boundary_map, irn_random_walk, walk_labels
 from segexp.losses.affinity import affinity_labels
 from segexp.losses.irn import IRN_TERMS, boundary_affinity, irn_terms, path_cells, path_index
+from segexp.methods.irn import RELEASE_SCALE
 from segexp.models.irn import IRNet
 from segexp.stages.ir_labels import IRLabelStage, combine_ir_labels
 from tests.conftest import config_weights
@@ -137,10 +138,10 @@ def _loss_inputs():
 def test_loss_terms_and_gradients_match_the_release():
     edge, disp, labels = _loss_inputs()
     index = path_index(5, 12, 14)
-    weights = config_weights("method=irn")
+    weights = config_weights("method=irn")  # the paper's; the release halves them (official_quirks)
     terms = irn_terms(edge, disp, labels, index)
     assert tuple(terms) == IRN_TERMS
-    total = sum(weights[k] * v for k, v in terms.items())
+    total = sum(RELEASE_SCALE * weights[k] * v for k, v in terms.items())
     total.backward()
     for k, v in terms.items():
         assert float(v.detach()) == pytest.approx(RELEASE["loss_terms"][k], rel=1e-5, abs=1e-6), k
@@ -408,10 +409,12 @@ def test_irn_weights_are_config_and_unknown_terms_are_rejected():
             class_names=["a", "b", "c"],
             schedule={},
         )
-    method = IRN(
-        net, weights=config_weights("method=irn"), num_classes=3, class_names=["a", "b", "c"], schedule={}
-    )
-    assert method.weights == {"bg_pos": 0.25, "fg_pos": 0.25, "neg": 0.5, "dp_fg": 0.5, "dp_bg": 0.5}
+    common = {"weights": config_weights("method=irn"), "num_classes": 3, "class_names": ["a", "b", "c"],
+              "schedule": {}}  # fmt: skip
+    paper = IRN(net, **common)  # Sec. 3.3: L_B (positive sets halved) + L_D^fg + L_D^bg
+    assert paper.weights == {"bg_pos": 0.5, "fg_pos": 0.5, "neg": 1.0, "dp_fg": 1.0, "dp_bg": 1.0}
+    released = IRN(net, official_quirks=True, **common)  # train_irn.py halves every term
+    assert released.weights == {"bg_pos": 0.25, "fg_pos": 0.25, "neg": 0.5, "dp_fg": 0.5, "dp_bg": 0.5}
 
 
 @pytest.mark.slow

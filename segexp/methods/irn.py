@@ -10,7 +10,9 @@ A training sample carries ``pseudo``: the IR labels of :class:`segexp.stages.ir_
 * pairs of the :class:`~segexp.losses.irn.PathIndex` with radius 10 (``train_irn.py``); a grid too small
   for it uses ``(min side - 1) // 2`` (psa's rule; the release only sees 128 x 128 grids);
 * loss = weighted :func:`~segexp.losses.irn.irn_terms` (``bg_pos``, ``fg_pos``, ``neg``, ``dp_fg``, ``dp_bg``;
-  weights in ``conf/method/irn.yaml``).
+  weights in ``conf/method/irn.yaml``): the paper's L = L_B + L_D^fg + L_D^bg (Sec. 3.3, L_B's two
+  positive sets weighted 1/2 each) by default; the release halves every term (``official_quirks``, the
+  same as half the learning rate but for weight decay).
 
 Optimisation as released: the backbone is frozen, the boundary branch trains at the base lr and the
 displacement branch at 10x (parameter groups ``edge`` and ``displacement``, weight decay on every
@@ -50,6 +52,8 @@ from segexp.models.param_groups import GROUP_NAMES
 __all__ = ["IRN"]
 
 
+RELEASE_SCALE = 0.5  # the release's total is half the paper's (train_irn.py)
+
 class IRN(AffinityNetMethod):
     """Trains :class:`~segexp.models.irn.IRNet` on IR labels (module docstring). The validation pair
     accuracy is AffinityNet's, on the boundary affinities.
@@ -60,6 +64,7 @@ class IRN(AffinityNetMethod):
         weights: loss weight of each of :data:`~segexp.losses.irn.IRN_TERMS`.
         eps: inside the logarithms (1e-5).
         label_key: the batch key holding IR labels (``pseudo``).
+        official_quirks: the release's halved loss (module docstring).
     """
 
     def __init__(
@@ -70,9 +75,12 @@ class IRN(AffinityNetMethod):
         weights: Mapping[str, float] | None = None,
         eps: float = 1e-5,
         label_key: str = "pseudo",
+        official_quirks: bool = False,
         **base: Any,
     ):
-        w = term_weights(weights, IRN_TERMS)  # conf/method/irn.yaml (train_irn.py)
+        w = term_weights(weights, IRN_TERMS)  # conf/method/irn.yaml (paper Sec. 3.3)
+        if official_quirks:  # train_irn.py: (pos + neg) / 2 + (dp_fg + dp_bg) / 2
+            w = {k: RELEASE_SCALE * v for k, v in w.items()}
         pair_weights = {k: w[k] for k in PAIR_KINDS}
         super().__init__(
             model, name=name, radius=radius, weights=pair_weights, eps=eps, label_key=label_key, **base
