@@ -8,7 +8,9 @@ modules like the PCM, the paper's loss terms), not what its network costs:
   (:meth:`segexp.methods.cam.CAM.compute_losses`: multi-label soft margin on the GAP of the CAM) - the
   ``cam`` method itself, on the method's network;
 * everything else: cross-entropy of ``predict(images)`` (the method's class scores at input size: the
-  network's main output) against the batch's mask, or its saliency cut at 0.5 for SOD methods.
+  network's main output) against the class map the method trains on (``mask``; ``pseudo`` for Box2Seg's
+  GrabCut masks; ``saliency`` cut at 0.5 for SOD methods). The bottom-up method has no class map: its
+  per-term costs are ``python -m segexp.bench bottomup``.
 
 Per method: median seconds per step of both, timed in alternation, the ratio (target <= 1.15x,
 issue #19 item 3) and each loss term's share, measured by dropping one term at a time
@@ -32,6 +34,8 @@ import torch.nn.functional as F
 
 from segexp.bench.gpu import METHODS, build_method, make_step, paper_setting, testbed_batch, total_loss
 
+CLASS_TARGETS = ("mask", "pseudo", "saliency")  # the batch key a plain loss compares ``predict`` with
+
 
 def reference_loss(method):
     """The plain loss of ``method``'s own network (module docstring)."""
@@ -40,13 +44,19 @@ def reference_loss(method):
     if isinstance(method, CAM):
         return lambda batch: CAM.compute_losses(method, batch)["cls"]
 
+    key = next((k for k in CLASS_TARGETS if k in method.train_keys), None)
+    if key is None:
+        raise ValueError(
+            f"{type(method).__name__} trains on {list(method.train_keys)}: no class map to compare against "
+            "(the bottom-up losses have their own benchmark: python -m segexp.bench bottomup)"
+        )
+
     def plain(batch: dict[str, Any]) -> torch.Tensor:
         scores = method.predict(batch["image"])
-        if "mask" in batch:
-            target = batch["mask"].long()
-        else:
-            target = (batch["saliency"] > 0.5).long().reshape(scores.shape[0], *scores.shape[-2:])
-        return F.cross_entropy(scores, target, ignore_index=255)
+        target = batch[key]
+        if key == "saliency":
+            target = (target > 0.5).reshape(scores.shape[0], *scores.shape[-2:])
+        return F.cross_entropy(scores, target.long(), ignore_index=255)
 
     return plain
 
