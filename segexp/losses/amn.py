@@ -107,12 +107,4 @@ def amn_contrast_grid(
     pseudo = scores.argmax(1)
     proto_scores = region_masked_scores(scores, pseudo, bg_index) if official_quirks else scores
     raw = class_prototypes(f_proj, proto_scores, top_fraction, normalise=False)
-    return ContrastGrid(
-        f_proj=f_proj,
-        scores=scores,
-        probs=probs,
-        pseudo=pseudo,
-        prototypes=F.normalize(raw, dim=-1),
-        b_proj=b_proj,
-        raw_prototypes=raw,
-    )
+    return ContrastGrid.of(f_proj, scores, probs, pseudo, raw, b_proj)

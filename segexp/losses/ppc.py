@@ -119,6 +119,12 @@ class ContrastGrid:
     b_proj: torch.Tensor | None = None
     raw_prototypes: torch.Tensor | None = None
 
+    @classmethod
+    def of(cls, f_proj, scores, probs, pseudo, raw_prototypes, b_proj=None) -> ContrastGrid:
+        """The grid with its prototypes L2-normalised from the raw ones (both kept)."""
+        prototypes = F.normalize(raw_prototypes, dim=-1)
+        return cls(f_proj, scores, probs, pseudo, prototypes, b_proj, raw_prototypes)
+
 
 def contrast_grid(
     out: dict[str, torch.Tensor],
@@ -139,15 +145,8 @@ def contrast_grid(
     f_proj = grid(out["f_proj"])
     scores, probs, pseudo = contrast_pseudo_labels(grid(out["cam_rv"]), labels, bg_score, official_quirks)
     raw = class_prototypes(f_proj, scores, top_fraction, normalise=False)
-    return ContrastGrid(
-        f_proj=f_proj,
-        scores=scores,
-        probs=probs,
-        pseudo=pseudo,
-        prototypes=F.normalize(raw, dim=-1),
-        b_proj=grid(out["b_proj"]) if "b_proj" in out else None,
-        raw_prototypes=raw,
-    )
+    b_proj = grid(out["b_proj"]) if "b_proj" in out else None
+    return ContrastGrid.of(f_proj, scores, probs, pseudo, raw, b_proj)
 
 
 def prototype_nce(

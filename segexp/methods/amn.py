@@ -115,6 +115,7 @@ class AMN(CAM):
     """AMN on IR labels (``label_key``) and image labels; see the module docstring."""
 
     TERMS: tuple[str, ...] = ("pcl",)
+    has_classifier = False  # AMN's CAMs come from its segmentation head: no cls_F1
 
     def __init__(
         self,
@@ -169,16 +170,6 @@ class AMN(CAM):
         total = sum_over_passes(lambda x: self(x, cond)["logits"], image, scales, flip, self.resize_mode)
         passes = len(scales) * (2 if flip else 1)
         return amn_cams(total / passes, labels, ir_label)
-
-    def _eval_step(self, batch: dict[str, Any], cm) -> torch.Tensor:
-        """CAM mIoU at ``bg_threshold`` and the threshold curve; no classifier, so no ``cls_F1``."""
-        cams = self.single_scale_cams(batch["image"], batch.get("labels"))
-        scores = self.scores_from_cams(cams)
-        if "mask" in batch:
-            cm.update(scores, batch["mask"])
-            if cm is self.val_cm:
-                self.val_curve.update(cams.float(), batch["mask"])
-        return scores
 
 
 class FBRAMN(AMN):

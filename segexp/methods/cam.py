@@ -89,6 +89,8 @@ class CAM(SegMethod):
     """CAM classifier. ``model`` is a :class:`~segexp.models.cam_head.CAMNet` with ``num_classes - 1``
     outputs (foreground only) or ``num_classes`` with ``background_first`` (SEAM)."""
 
+    has_classifier = True  # validation reports the multi-label classifier's F1 (``val/cls_F1``)
+
     def __init__(
         self,
         model: nn.Module,
@@ -185,7 +187,7 @@ class CAM(SegMethod):
             cm.update(scores, batch["mask"])
             if cm is self.val_cm:
                 self.val_curve.update(cams.float(), batch["mask"])
-        if cm is self.val_cm and "labels" in batch:  # one more forward: fg_cams may not be the raw CAM
+        if cm is self.val_cm and "labels" in batch and self.has_classifier:  # fg_cams may not be the raw CAM
             logits = self.fg_logits(self(batch["image"])["cam"])
             self.val_cls_f1.update(torch.sigmoid(logits.float()), batch["labels"].long())
         return scores
