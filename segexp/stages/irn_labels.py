@@ -43,15 +43,17 @@ def irn_label(
     network: torch.nn.Module,
     image: np.ndarray,
     cams: np.ndarray,
-    beta: float = 10.0,
-    exp_times: int = 8,
-    radius: int = 5,
-    bg_threshold: float = 0.25,
-    cam_power: float = 1.0,
-    pad_size: int | None = 512,
+    *,
+    beta: float,
+    exp_times: int,
+    radius: int,
+    bg_threshold: float,
+    cam_power: float,
+    pad_size: int | None,
     device: str = "cpu",
 ) -> np.ndarray:
-    """Index map (H, W) into ``[background, *cams]`` of one image (module docstring)."""
+    """Index map (H, W) into ``[background, *cams]`` of one image (module docstring); the walk's
+    settings have their defaults once, on :class:`IRNLabelStage` (and ``conf/stage/irn.yaml``)."""
     h, w = image.shape[:2]
     if len(cams) == 0:
         return np.zeros((h, w), np.int64)
@@ -110,8 +112,6 @@ class IRNLabelStage(TrainedNetwork, LabelStage):
         self.device = resolve_device(device)
         self.progress = progress
         self.version = int(version)
-        self._method = None
-        self._method_cfg: dict[str, Any] | None = None
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -133,12 +133,12 @@ class IRNLabelStage(TrainedNetwork, LabelStage):
             self.method.model,
             sample["image"],
             cams["cams"].astype(np.float32),
-            self.beta,
-            self.exp_times,
-            self.radius,
-            self.bg_threshold,
-            self.cam_power,
-            self.pad_size,
-            self.device,
+            beta=self.beta,
+            exp_times=self.exp_times,
+            radius=self.radius,
+            bg_threshold=self.bg_threshold,
+            cam_power=self.cam_power,
+            pad_size=self.pad_size,
+            device=self.device,
         )
         return {"pseudo": class_lut(cams["classes"])[index]}

@@ -116,8 +116,6 @@ class RandomWalkStage(TrainedNetwork, LabelStage):
         self.workers = workers
         self.progress = progress
         self.version = int(version)
-        self._method = None
-        self._method_cfg: dict[str, Any] | None = None
 
     def settings(self) -> dict[str, Any]:
         return {
