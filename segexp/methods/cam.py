@@ -40,6 +40,7 @@ from segexp.losses.cam import gap_logits, multilabel_soft_margin
 from segexp.losses.seam import released_min_max
 from segexp.methods.base import SegMethod
 from segexp.metrics.cam import CAMThresholdCurve
+from segexp.utils.errors import UserError
 
 __all__ = ["CAM", "normalise_cams", "sum_over_passes", "CAM_NORMS"]
 
@@ -112,7 +113,7 @@ class CAM(SegMethod):
         inference = dict(inference or {})
         missing = [key for key in INFERENCE_KEYS if inference.get(key) is None]
         if missing:  # their one home is the method's YAML (conf/method/cam.yaml); no fallback here
-            raise ValueError(
+            raise UserError(
                 f"method.inference.{missing[0]} is not set: CAM methods read scales, flip and resize_mode "
                 "from conf/method/<name>.yaml (cam.yaml for the CAM family)"
             )
