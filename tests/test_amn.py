@@ -172,7 +172,8 @@ def test_network_matches_the_release_with_copied_weights(variant):
     assert grad_c0.abs().sum().item() == pytest.approx(ref["grad_c0_abs_sum"], rel=1e-5)
     assert net.classifier.convs[3].bias.grad[:4].tolist() == pytest.approx(ref["grad_c3_bias"], rel=1e-5)
     for idx, value in RELEASE_GRAD_LABEL_ENC[variant].items():
-        assert net.label_enc.weight.grad[idx].item() == pytest.approx(value, rel=1e-5, abs=1e-6)
+        # a sum over a ResNet-50's activations: float32 summation order differs between CPUs (1.7e-5 seen)
+        assert net.label_enc.weight.grad[idx].item() == pytest.approx(value, rel=1e-4, abs=1e-6)
     if variant == "fbr":
         fbr = RELEASE_FBR_NET
         assert sim.item() == pytest.approx(fbr["loss_sim"], rel=1e-6)

@@ -245,7 +245,8 @@ def test_random_walk_and_labels_match_the_release():
     cams[1, 6:8, 7:10] = 0.8
     walked = irn_random_walk(cams, edge[0], beta=10, exp_times=8, radius=5)
     assert float(walked.sum()) == pytest.approx(RELEASE["rw_sum"], rel=1e-5)
-    assert _max_diff(walked[:, ::4, ::3], RELEASE["rw_entries"]) < 1e-6
+    # 256 float32 mat-vec steps: summation order differs between CPUs (1.8e-6 seen on values ~0.3)
+    assert _max_diff(walked[:, ::4, ::3], RELEASE["rw_entries"]) < 1e-5
     labels = walk_labels(walked, (34, 42), stride=4, bg_threshold=0.25).numpy()
     assert np.bincount(labels.reshape(-1), minlength=3).tolist() == RELEASE["rw_label_counts"]
     assert [labels[5].tolist(), labels[20].tolist()] == RELEASE["rw_label_rows"]

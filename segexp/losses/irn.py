@@ -19,12 +19,13 @@ boundary-to-affinity map and the loss terms of the boundary and displacement bra
   ``sum / (count + 1e-5)`` (``sum / (2 count + 1e-5)`` for the displacements): the same as the mean
   here to a relative 1e-5 / count.
 
-Weights (``conf/method/irn.yaml``): the release's total is ``(pos + neg) / 2 + (dp_fg + dp_bg) / 2`` with
-``pos = bg_pos / 2 + fg_pos / 2``, i.e. 1/4, 1/4, 1/2, 1/2, 1/2 of the terms above. The paper (Sec. 4) writes
-the total as ``L_B + L_D^fg + L_D^bg`` with ``L_B = fg+/2 + bg+/2 + neg`` and an L1 norm of the displacement
-error: as we read it, twice the release's boundary weights and 2-4x its displacement weights (the two
-branches share no parameter, so this only rescales each branch's gradient). The release's values are the
-default because they are what produced the published numbers; the paper text was not re-checked here.
+Weights (``conf/method/irn.yaml``): the default is L = L_B + L_D^fg + L_D^bg with L_B = fg+/2 + bg+/2 + neg,
+i.e. 1/2, 1/2, 1, 1, 1 on the terms above; ``official_quirks`` halves all five, which is the release's total
+``(pos + neg) / 2 + (dp_fg + dp_bg) / 2`` with ``pos = bg_pos / 2 + fg_pos / 2`` (``tests/test_irn.py``). That
+default is the paper's total as issue #20 recorded it (Sec. 3); the text (arXiv 1904.05044) was searched
+for but not found, so neither the equation nor whether its L1 displacement error sums the two coordinates
+(then 2 x ``dp_fg`` / ``dp_bg`` here) is verified. The two branches share no parameter: the weights only
+rescale each branch's gradient.
 """
 
 from __future__ import annotations

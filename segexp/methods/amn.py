@@ -62,9 +62,7 @@ scales), the FBR-AMN pseudo labels, uncertain pixels and prototypes (quirks), ``
 term (value and gradient) and NROI term (quirks; the release's random draws replaced by segexp's).
 Matched by reading: the schedule (Adam, backbone
 5e-6, new layers 1e-4, weight decay 1e-4, constant lr, 5 epochs, batch 16; ``conf/experiment/
-amn_voc.yaml``), the data pipeline (random scale 0.5-1.5 bicubic / nearest, flip, 512 crop padded
-with the mean colour and 255), CAM inference (scales 1.0/0.5/1.5/2.0 x flip of the conditioned
-logits, averaged, one softmax).
+amn_voc.yaml``); the data pipeline and inference below.
 
 Intentionally different:
 
@@ -85,6 +83,31 @@ Intentionally different:
   classes); here ``L_fg`` is 0 and ``L_nroi`` is computed. k-means NROIs: batched torch k-means++
   (seeded by the global step) instead of sklearn per image; the FBR release keeps the checkpoint
   of the best train-set mIoU (AMN's: the last) - segexp's checkpointing is the trainer's.
+
+Release differences (data pipeline / inference), ``voc12/dataloader.py``, ``misc/imutils.py``,
+``run_sample.py``, ``step/*.py``, ``scripts/generate_pseudo_mask.sh`` (FBR's ``AMN/`` copies are equal up to
+whitespace) against ``conf/experiment/amn_voc.yaml``, ``conf/stage/{ir_labels,irn}.yaml``:
+
+* random scale U(0.5, 1.5), PIL bicubic image / nearest IR labels, flip 0.5, no colour jitter, ImageNet
+  mean / std: matched (albumentations ``RandomScale``, cv2 kernels);
+* crop 512, image padded with 0 after normalisation (the mean colour), labels with 255, at a random
+  offset: matched (``fill: [124, 116, 104]``, the rounded mean; ``valid`` -> ignore), centred here;
+* batch 16 (drop_last), 5 epochs, constant lr: matched; image labels from ``cls_labels.npy`` (XML
+  annotations): differs, ``voc_aug`` reads them from the masks (``data.reader.labels_from=xml``);
+* first-round IR labels 0.30 / 0.05 of the CAM network's ``high_res`` maps: matched (``amn_voc``); that
+  network is IRN's ``resnet50_cam`` recipe (resize-long 320-640, crop 512, batch 16, lr 0.1, 5 epochs) -
+  here any ``cam_ckpt``, no experiment reproduces the recipe;
+* CAMs: scales 1.0 / 0.5 / 1.5 / 2.0 x flip, logits bilinear to the image, averaged, one softmax, each
+  class min-max; val/test against a constant 0.25 on VOC train: matched; the rescale is PIL bicubic,
+  here torch bicubic (intentionally: on the device); IR-background pixels keep raw probabilities in
+  the release (intentionally different, above);
+* second round: IR labels 0.45 / 0.15 of the AMN CAMs, then IRN; the walk reads the stride-4 AMN CAM
+  (raw probabilities on IR-background pixels) ``** 1.3``, beta 10, ``exp_times`` 8, radius 5, background
+  0.25; differs: 0.45 / 0.15 and ``cam_power: 1.3`` are overrides of ``conf/pipeline/irn/default.yaml`` /
+  ``conf/stage/irn.yaml`` that no experiment sets, and the walk reads the full-size export resized to
+  the grid (:mod:`segexp.stages.irn_labels`); IRN's own settings: :mod:`segexp.methods.irn`;
+* per-epoch validation (argmax over the label's classes, no threshold) is only logged by AMN (FBR-AMN
+  keeps its best): segexp's ``val/cam_best_mIoU`` is a background-threshold curve.
 """
 
 from __future__ import annotations

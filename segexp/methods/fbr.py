@@ -60,6 +60,22 @@ Choices where the release is ambiguous or undesirable (all documented in the cod
 * the bank is pushed before sampling (an empty bank gives 0 instead of the released NameError);
 * ``L_seg`` uses the view's CAM resized back to the head's grid (SEAM's views keep CAMs at input size;
   PPC's stay on the grid).
+
+Release differences (data pipeline / inference), ``XuYin94/FBR@fd1aeb85`` (``data/dataset.py``,
+``util/imutils.py``, ``module/optimizer.py``, ``contrast_train.py``, ``contrast_infer.py``,
+``script/script_contrast.sh``) against ``conf/experiment/fbr_voc.yaml``:
+
+* crop, scale, flip, jitter, saliency, normalisation, batch, lr / groups / momentum slip, step count,
+  image labels, CAM inference (softmax, 4 scales x flip, background 0.22): the PPC release's, file for
+  file - the differences listed in :mod:`segexp.methods.ppc` hold here unchanged;
+* runs as released: yes (its ``get_dataloader`` / ``get_model`` / ``contrast_infer.py`` fix PPC's);
+* scored output: ``crf_png/crf_5_8`` - dense CRF, background ``(1 - max)^8``, 5 iterations, kernels 3 / 3
+  and 80 / 13 / 10, on VOC train; differs: the pipeline's ``crf`` stage defaults to alpha 4, 10 iterations
+  and ``fbr_voc`` does not set them (``pipeline.stages.crf.alpha=8 pipeline.stages.crf.iterations=5``
+  would match) - reported, not changed;
+* weights exported: the final ones (``checkpoint_contrast1.pth``); differs: the pipeline's best
+  ``val/cam_best_mIoU`` checkpoint - reported;
+* FBR on SEAM (``method=fbr``) has no release; FBR's ``AMN/`` folder: :mod:`segexp.methods.amn`.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ A training sample carries ``pseudo``: the IR labels of :class:`segexp.stages.ir_
 * pairs of the :class:`~segexp.losses.irn.PathIndex` with radius 10 (``train_irn.py``); a grid too small
   for it uses ``(min side - 1) // 2`` (psa's rule; the release only sees 128 x 128 grids);
 * loss = weighted :func:`~segexp.losses.irn.irn_terms` (``bg_pos``, ``fg_pos``, ``neg``, ``dp_fg``, ``dp_bg``;
-  weights in ``conf/method/irn.yaml``): the paper's L = L_B + L_D^fg + L_D^bg (Sec. 3.3, L_B's two
-  positive sets weighted 1/2 each) by default; the release halves every term (``official_quirks``, the
-  same as half the learning rate but for weight decay).
+  weights in ``conf/method/irn.yaml``): L = L_B + L_D^fg + L_D^bg (L_B's two positive sets weighted 1/2
+  each) by default, the paper's total as recorded here but not checked against its text (see
+  :mod:`segexp.losses.irn`); the release halves every term (``official_quirks``, the same as half the
+  learning rate but for weight decay).
 
 Optimisation as released: the backbone is frozen, the boundary branch trains at the base lr and the
 displacement branch at 10x (parameter groups ``edge`` and ``displacement``, weight decay on every
@@ -28,10 +29,34 @@ Against the release (``jiwoon-ahn/irn@a2ece00``; numbers in ``tests/test_irn.py`
 * SGD with momentum 1e-4 (PolyOptimizer's positional slip) and poly 0.9: reproduced in
   ``conf/pipeline/irn/default.yaml``;
 * intentionally different: ResNet-50's layer4 is dilated here (timm, see :mod:`segexp.models.irn`);
-  crops are padded black before normalisation (release: 0 after it, the mean colour); grids smaller
-  than ``2 r + 1`` shrink the radius (the release's crops give 128 x 128 grids only);
+  grids smaller than ``2 r + 1`` shrink the radius (the release's crops give 128 x 128 grids only);
 * not done: the release's pass over the inference list after training that stores the mean
   displacement in the mean shift (only its instance segmentation reads the displacement field).
+
+Release differences (data pipeline / inference), ``voc12/dataloader.py``, ``misc/imutils.py``,
+``run_sample.py``, ``step/{make_cam,cam_to_ir_label,train_irn,make_sem_seg_labels}.py`` against
+``conf/pipeline/irn/default.yaml``, ``conf/stage/{ir_labels,irn}.yaml``:
+
+* random scale U(0.5, 1.5), PIL bicubic image / nearest labels, flip 0.5, no colour jitter, ImageNet
+  mean / std: matched (albumentations, cv2 kernels);
+* crop 512: the release pads the normalised image with 0 (the mean colour) and the labels with 255 at a
+  random offset; intentionally different (transform order): black, centred (``amn_voc``'s
+  ``fill: [124, 116, 104]`` would match), labels -> ignore: matched;
+* labels to the stride-4 grid (PIL nearest, 0.25): matched; batch 32 (drop_last), 3 epochs, lr 0.1 / 1.0
+  (edge / displacement), wd 1e-4 on every parameter, momentum 1e-4, poly 0.9: matched;
+* IR labels: background 0.30 / 0.05, CRF of each argmax (``gt_prob`` 0.7, 3 / 3, 50 / 5 / 10, 10 iterations):
+  matched; their CAMs (``high_res``): each pass resized to the size rounded up to a multiple of 16, then
+  cropped - differs: the CAM export resizes to the image size (a sub-pixel shift), not changed;
+* the walk's CAMs: the stride-4 maps of ``make_cam.py`` (passes summed at ``ceil(H / 4)``, ``/ max``);
+  intentionally different: the full-size export resized to that grid and max-normalised again (the cache
+  keeps full-size maps, :mod:`segexp.stages.irn_labels`);
+* boundary map: image + flip, zero-padded to 512 after normalisation, ``sigmoid`` of the mean logit; walk
+  beta 10, ``exp_times`` 8, radius 5, ``x (1 - edge)``, x4 bilinear, ``/ max``, ``sem_seg_bg_thres`` 0.25:
+  matched;
+* IRN's own CAM network (``resnet50_cam``: resize-long 320-640, crop 512, batch 16, lr 0.1, wd 1e-4,
+  5 epochs; scales 1.0 / 0.5 / 1.5 / 2.0 x flip; ``cam_eval_thres`` 0.15): not reproduced by an
+  experiment - the irn stage walks the pipeline's CAMs; image labels (``cls_labels.npy``, from the XML
+  annotations) differ from ``voc_aug``'s mask-derived ones (``data.reader.labels_from=xml``).
 """
 
 from __future__ import annotations

@@ -73,12 +73,34 @@ gradients stored as constants):
   (no ``contrast`` network type in ``parse_args``/``infer_cam_mp``, no ``forward_cam``): segexp runs
   its ``eps`` path, as FBR's fixed copy does.
 
-Data pipeline (read, not changed; shared with ``fbr_voc``): released crop 448 after
-``RandomResizeLong(448, 768)`` (any length; segexp's ``seam_voc`` draws from 448..768 in steps of 64),
-flip, ColorJitter(0.3, 0.3, 0.3, 0.1), zero padding; the saliency map follows the image with
-*bicubic* resizing and is averaged over RGB / 255 (segexp carries it as a mask: nearest); batch 8,
-10,000 x ``iter_size`` 2 = 20,000 steps, poly horizon 10582 // 8 x 15, lr 0.01, wd 5e-4;
-inference rescales with PIL bicubic (segexp: torch bicubic).
+Release differences (data pipeline / inference), read from ``contrast_train.py``, ``data/dataset.py``,
+``util/imutils.py``, ``module/optimizer.py``, ``contrast_infer.py``, ``script_contrast.sh`` against
+``conf/experiment/seam_voc.yaml`` / ``fbr_voc.yaml`` (FBR's copy has the same pipeline):
+
+* runs as released: no - ``get_dataloader`` has no ``contrast`` branch (raises) and ``get_model`` asserts
+  the network name for ``.params`` weights; intentionally different: segexp runs the saliency dataset,
+  as FBR's copy does;
+* random scale: ``RandomResizeLong(448, 768)`` any integer, PIL bicubic; intentionally different: long side
+  448..768 in steps of 64, cv2 bicubic (albumentations' ``LongestMaxSize`` takes a list);
+* flip 0.5, ColorJitter(0.3, 0.3, 0.3, 0.1) on the image only, ImageNet mean / std: matched
+  (albumentations' jitter, torchvision's in the release);
+* crop 448: release pads the *normalised* image with 0 (the mean colour) at a random offset;
+  differs: ``seam_voc`` pads black (``fill: 0``, before normalisation), centred - reported, not changed;
+* saliency: RGB PNG averaged / 255, resized *bicubic* with the image, padded 0; intentionally different:
+  a grey map carried as a mask (nearest); view 2's map bilinear to 128 (align_corners): matched;
+* batch 8 (drop_last), lr 0.01, groups 1x / 2x / 10x / 20x, wd 5e-4 (0 on biases), momentum 5e-4
+  (``PolyOptimizer``'s positional slip), poly 0.9 per step: matched (``seam_poly``);
+* length: 10,000 x ``iter_size`` 2 = 20,000 optimizer steps (a step per batch, no accumulation), poly
+  horizon 10582 // 8 x 15 = 19,830; intentionally different: 15 epochs = 19,830 steps (the last 170
+  released steps run at 1.4e-4 x the initial lr);
+* image labels: ``cls_labels.npy`` (psa's, from the XML annotations); differs: ``voc_aug`` reads them
+  from the masks (``data.reader.labels_from=xml`` reproduces);
+* CAM inference: scales 0.5 / 1 / 1.5 / 2 x flip, softmax over 21 channels per pass, bilinear to the
+  image, foreground x label, summed, ``/ (max + 1e-5)``, background 0.22, scored on VOC train without
+  CRF: matched; the rescale is PIL bicubic (antialiased at 0.5), here torch bicubic - intentionally
+  different (on the device);
+* weights exported: the final ones; differs: the pipeline exports the checkpoint of the best
+  ``val/cam_best_mIoU`` (VOC train GT) - reported, not changed.
 
 Other choices: the absent classes' and the background's prototypes stay in the softmax of the cross-
 view terms, as released.
