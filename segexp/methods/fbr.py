@@ -70,9 +70,8 @@ Release differences (data pipeline / inference), ``XuYin94/FBR@fd1aeb85`` (``dat
   file - the differences listed in :mod:`segexp.methods.ppc` hold here unchanged;
 * runs as released: yes (its ``get_dataloader`` / ``get_model`` / ``contrast_infer.py`` fix PPC's);
 * scored output: ``crf_png/crf_5_8`` - dense CRF, background ``(1 - max)^8``, 5 iterations, kernels 3 / 3
-  and 80 / 13 / 10, on VOC train; differs: the pipeline's ``crf`` stage defaults to alpha 4, 10 iterations
-  and ``fbr_voc`` does not set them (``pipeline.stages.crf.alpha=8 pipeline.stages.crf.iterations=5``
-  would match) - reported, not changed;
+  and 80 / 13 / 10, on VOC train; matched: ``fbr_voc`` sets ``pipeline.stages.crf`` alpha 8, 5 iterations
+  (the stage defaults, alpha 4 and 10 iterations, are psa's);
 * weights exported: the final ones (``checkpoint_contrast1.pth``); differs: the pipeline's best
   ``val/cam_best_mIoU`` checkpoint - reported;
 * FBR on SEAM (``method=fbr``) has no release; FBR's ``AMN/`` folder: :mod:`segexp.methods.amn`.
