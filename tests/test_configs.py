@@ -42,6 +42,15 @@ def test_debug_preset_and_command_line_win_over_the_experiment():
     assert cfg.data.batch_size == 3  # experiment sets 8; the command line wins
 
 
+def test_an_experiment_sets_stop_after_and_the_command_line_still_wins():
+    # pipeline.yaml's own keys come after the experiment: a stop_after declared there silently
+    # replaced the experiment's value (study_sccam ran every step past the rounds)
+    assert compose(["+experiment=study_sccam"], config_name="pipeline").stop_after == "train"
+    assert compose(["+experiment=study_sccam", "stop_after=cam"], config_name="pipeline").stop_after == "cam"
+    plain = compose(["+experiment=cam_shapes"], config_name="pipeline")
+    assert plain.stop_after is None and plain.task_name == "pipeline"
+
+
 def test_unknown_key_is_rejected_at_composition():
     from hydra.errors import ConfigCompositionException
 
