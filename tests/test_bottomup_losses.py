@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from segexp.losses.bottomup import (
     BottomUpLoss,
+    _multinomial_cpu,
+    _UnitRows,
     attraction_loss,
     entity_groups,
     eroded_keep,
@@ -219,28 +221,49 @@ def test_reco_is_zero_when_aligned_lower_when_separated_and_grads_reach_queries_
     assert grad_rows.any() and not grad_rows[groups.labels == 0].any()  # background is never a query
 
 
-def test_reco_dense_and_gathered_negative_keys_give_the_same_loss_and_gradient():
+@pytest.mark.parametrize("num_negatives", [5, 120])  # 120 > 90 pixels: "sampled" falls back to dense
+def test_reco_negative_logit_paths_give_the_same_loss_and_gradient(num_negatives):
     labels = torch.arange(90) % 3
     groups = entity_groups(labels.view(1, 90), torch.ones(1, 90, dtype=torch.bool))
     f = F.normalize(torch.randn(90, 6, generator=torch.Generator().manual_seed(4)), dim=1)
     lines = target_lines(f, groups.labels, 3)
     values, grads = [], []
-    for dense in (True, False):
+    for keys in ("sampled", "dense", "gather"):
         leaf = f.clone().requires_grad_()
         loss = reco_loss(
             leaf,
             lines,
             groups,
             num_queries=8,
-            num_negatives=5,
-            dense_keys=dense,
+            num_negatives=num_negatives,
+            keys=keys,
             generator=torch.Generator().manual_seed(0),
         )
         loss.backward()
         values.append(loss.detach())
         grads.append(leaf.grad)
-    torch.testing.assert_close(values[0], values[1])
-    torch.testing.assert_close(grads[0], grads[1])
+    assert float(values[0]) > 0 and grads[0].abs().sum() > 0
+    for value, grad in zip(values[1:], grads[1:]):
+        torch.testing.assert_close(value, values[0])
+        torch.testing.assert_close(grad, grads[0])
+
+
+def test_negative_groups_are_torch_multinomials_draws_on_cpu():
+    """ReCo draws its negative groups with torch.multinomial's CPU algorithm, vectorised (float32
+    running sums, a double uniform per draw): the very same draws, zero-probability groups never;
+    few groups (a pass per group) and many (a binary search) alike."""
+    g = torch.Generator().manual_seed(7)
+    for n in [2, 3, 10, 33, 60] * 8:
+        sim = torch.rand(n, generator=g) / 0.5
+        sim[torch.rand(n, generator=g) < 0.3] = float("-inf")
+        sim[int(torch.randint(n, (1,), generator=g))] = 0.0
+        probs = torch.softmax(sim, 0)
+        seed = int(torch.randint(1 << 30, (1,), generator=g))
+        expected = torch.multinomial(probs, 4000, True, generator=torch.Generator().manual_seed(seed))
+        uniforms = torch.rand(4000, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        drawn = _multinomial_cpu(probs, uniforms)
+        assert torch.equal(drawn, expected)
+        assert (probs[drawn] > 0).all()
 
 
 def test_weights_and_switches_follow_the_config():
@@ -259,3 +282,133 @@ def test_weights_and_switches_follow_the_config():
     out, _ = loss(raw, ent)
     unweighted, _ = BottomUpLoss(weights={"mse": 1.0}, erosion=1)(raw, ent)
     assert float(out["mse"]) == pytest.approx(0.025 * float(unweighted["mse"]), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------ fast path vs reference
+
+
+def _reference_loss(raw, ent, valid, weights, erosion, contrast):
+    """All terms the plain way (per image, per entity, dense keys, torch.multinomial): the
+    definitions of the module docstring, against which BottomUpLoss's batched path is checked."""
+    q, k, tau, thr = contrast["num_queries"], contrast["num_negatives"], contrast["temperature"], 0.97
+    feats = F.normalize(raw, dim=1)
+    keep = eroded_keep(ent, erosion, valid)
+    d = raw.shape[1]
+    per = {t: [] for t in ("attraction", "repulsion", "contrast", "mse", "grad")}
+    for i in range(raw.shape[0]):
+        groups = entity_groups(ent[i], keep[i])
+        n = groups.num_entities
+        if n == 0:
+            continue
+        f = feats[i].reshape(d, -1).T[groups.index]
+        labels = groups.labels
+        lines = target_lines(f, labels, n + 1)
+        counts = torch.bincount(labels, minlength=n + 1)
+        own = (f * lines[labels]).sum(1).abs()
+        per["attraction"].append(torch.stack([(1 - own[labels == e]).mean() for e in range(1, n + 1)]).mean())
+        rep = sum(
+            (f[labels == a] @ lines[b]).abs().mean()
+            for a in range(n + 1)
+            for b in range(n + 1)
+            if a != b and counts[a] > 0 and counts[b] > 0
+        )
+        per["repulsion"].append(rep / n)
+        # ReCo: hard queries of entity e, negatives: a group j ~ softmax(|mu_e . mu_j| / tau) over the
+        # other present groups, then a pixel of j uniformly (the offset-th in argsort(labels) order)
+        order, starts = torch.argsort(labels), torch.cumsum(counts, 0) - counts
+        reco = []
+        for e in range(1, n + 1):
+            hard = ((labels == e) & (own < thr)).nonzero().squeeze(1)
+            if hard.numel() == 0:
+                continue
+            queries = f[hard[torch.randint(hard.numel(), (q,))]]
+            sim = (lines[e] @ lines.T).abs() / tau
+            sim[e] = float("-inf")
+            sim[counts == 0] = float("-inf")
+            neg_groups = torch.multinomial(torch.softmax(sim, 0), q * k, replacement=True)
+            offset = (torch.rand(neg_groups.shape) * counts[neg_groups]).long()
+            keys = f.detach()[order[starts[neg_groups] + offset]].view(q, k, d)
+            logits = torch.cat([(queries @ lines[e])[:, None], torch.einsum("qd,qkd->qk", queries, keys)], 1)
+            reco.append(F.cross_entropy(logits.abs() / tau, torch.zeros(q, dtype=torch.long)))
+        per["contrast"].append(torch.stack(reco).mean())
+        # segment space on the whole map (only kept pixels count)
+        t = segment_transform(lines[1:])
+        assert t is not None
+        seg = (t @ feats[i].reshape(d, -1)).abs().view(n, *ent.shape[1:])
+        ids = torch.unique(ent[i].reshape(-1)[groups.index])
+        residual = seg - (ent[i][None] == ids[ids != 0][:, None, None]).float()
+        kf = keep[i].float()
+        per["mse"].append((((residual**2) * kf).sum(dim=(1, 2)) / kf.sum()).mean())
+        per["grad"].append(gradient_matching_loss(residual, keep[i], 4))
+    v = valid.float()
+    out = {"reg": weights["reg"] * (((raw.norm(dim=1) - 1) ** 2) * v).sum() / v.sum()}
+    out.update({t: weights[t] * torch.stack(vals).mean() for t, vals in per.items()})
+    return out
+
+
+def _fast_path_inputs():
+    g = torch.Generator().manual_seed(11)
+    raw = torch.tanh(torch.randn(3, 16, 20, 20, generator=g))
+    ent = torch.zeros(3, 20, 20, dtype=torch.long)
+    ent[0, 4:, :9], ent[0, 4:12, 9:], ent[0, 12:, 9:] = 3, 7, 12  # background band on top
+    ent[1, :, :10], ent[1, :, 10:] = 1, 2  # no background, an ignored patch, padding on the right
+    ent[1, 5:9, 3:7] = 255
+    ent[2, :5] = 255  # no entity: only the unit-length term sees it
+    valid = torch.ones(3, 20, 20, dtype=torch.bool)
+    valid[1, :, 17:] = False
+    return raw, ent, valid
+
+
+def test_batched_loss_matches_the_plain_reference_values_and_gradient():
+    weights = {"attraction": 1, "repulsion": 1, "contrast": 0.125, "mse": 0.025, "grad": 0.05, "reg": 1.0}
+    contrast = {"num_queries": 24, "num_negatives": 40, "temperature": 0.5}
+    raw, ent, valid = _fast_path_inputs()
+    results = []
+    for fn in (BottomUpLoss(weights=weights, contrast=contrast), _reference_loss):
+        leaf = raw.clone().requires_grad_()
+        torch.manual_seed(5)  # the same queries and negatives on both sides
+        if fn is _reference_loss:
+            out = fn(leaf, ent, valid, weights, 3, contrast)
+        else:
+            out = fn(leaf, ent, valid)[0]
+        sum(out.values()).backward()
+        results.append(({t: v.detach() for t, v in out.items()}, leaf.grad))
+    (fast, fast_grad), (ref, ref_grad) = results
+    assert set(fast) == set(ref)
+    for term in ref:
+        assert float(ref[term]) > 0, term
+        torch.testing.assert_close(fast[term], ref[term], rtol=1e-5, atol=1e-6, msg=term)
+    torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-4, atol=1e-7)
+    # the reference is sensitive to the sampling: another draw of queries/negatives changes the contrast
+    torch.manual_seed(6)
+    other = BottomUpLoss(weights={"contrast": 1.0}, contrast=contrast)(raw, ent, valid)[0]["contrast"]
+    assert abs(float(other) - float(ref["contrast"]) / 0.125) > 1e-4
+
+
+def test_unit_rows_match_normalise_then_select_including_zero_and_tiny_norms():
+    g = torch.Generator().manual_seed(12)
+    raw = torch.randn(2, 5, 4, 4, generator=g)
+    raw[0, :, 1, 1] = 0.0  # F.normalize's eps: a zero pixel stays zero, with gradient g / eps
+    raw[1, :, 2, 3] = 1e-14
+    pixels = [torch.tensor([5, 0, 9, 3]), torch.tensor([11, 14, 2])]
+    up = [torch.randn(4, 5, generator=g), torch.randn(3, 5, generator=g)]
+    up_norm = torch.randn(2, 16, generator=g)
+    grads = []
+    for fast in (True, False):
+        leaf = raw.clone().requires_grad_()
+        if fast:
+            norms, *rows = _UnitRows.apply(leaf, [0, 1], pixels)
+        else:
+            unit = F.normalize(leaf, dim=1).reshape(2, 5, 16)
+            rows = [unit[i].T[p] for i, p in enumerate(pixels)]
+            norms = leaf.norm(dim=1).reshape(2, 16)
+        if fast:
+            fast_rows, fast_norms = rows, norms
+        else:
+            for a, b in zip(fast_rows, rows):
+                assert torch.equal(a, b)  # the very same unit features
+            assert torch.equal(fast_norms, norms)
+        (sum((r * u).sum() for r, u in zip(rows, up)) + (norms * up_norm).sum()).backward()
+        grads.append(leaf.grad)
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().max() > 1e10  # g / eps at the zero pixel
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)

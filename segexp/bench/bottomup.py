@@ -10,16 +10,19 @@
   and whether the partitions are identical up to relabelling), cluster counts.
 * Loss cost: one training step (forward + backward + SGD) of the bottom-up network (ResNet-18,
   64-channel decoder) with all loss terms vs the same network with a bare ``mean()`` loss (the
-  network alone), and each term alone (forward + backward on a fixed map; each includes the target
-  lines), for the paper's loss settings (D = 128, eigh, ReCo 256 x 512) and the CPU shapes run's.
+  network alone; the two alternate, medians), and each term alone (forward + backward on a fixed
+  map; each includes the target lines), for the paper's loss settings (D = 128, eigh, ReCo 256 x
+  512) and the CPU shapes run's.
 
-``python -m segexp.bench bottomup [--quick]``; ``main(argv)`` prints and returns the numbers.
+``python -m segexp.bench bottomup [--quick] [--only loss --setting paper --steps 5]``; ``main(argv)``
+prints and returns the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 
 import torch
@@ -97,8 +100,15 @@ SETTINGS = {
 WEIGHTS = {"attraction": 1, "repulsion": 1, "contrast": 0.125, "mse": 0.025, "grad": 0.05, "reg": 1.0}
 
 
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def bench_loss(batch: int, size: int, steps: int, setting: str, backbone: str = "resnet18") -> dict:
-    """Training-step time with all terms vs a bare ``mean()`` loss, and each term's own cost
+    """Training-step time with all terms vs a bare ``mean()`` loss (medians over ``steps``
+    alternating pairs; the overhead is the median of the pairs' ratios), and each term's own cost
     (forward + backward of the loss alone on a fixed feature map)."""
     from segexp.losses.bottomup import BottomUpLoss
     from segexp.models.backbone import Backbone
@@ -135,9 +145,14 @@ def bench_loss(batch: int, size: int, steps: int, setting: str, backbone: str = 
         f"9 entities + background, {cfg['lines']['solver']}, ReCo "
         f"{cfg['contrast']['num_queries']}x{cfg['contrast']['num_negatives']}"
     }
-    out["bare_step_s"] = timed(lambda: step(False))
-    out["full_loss_step_s"] = timed(lambda: step(True))
-    out["loss_overhead_x"] = round(out["full_loss_step_s"] / out["bare_step_s"], 2)
+    # bare and full steps alternate, so that the load of a shared machine weighs on both alike
+    step(False), step(True)  # warm-up
+    pairs = []
+    for _ in range(steps):
+        pairs.append([_seconds(lambda full=full: step(full)) for full in (False, True)])
+    out["bare_step_s"] = round(statistics.median(b for b, _ in pairs), 3)
+    out["full_loss_step_s"] = round(statistics.median(f for _, f in pairs), 3)
+    out["loss_overhead_x"] = round(statistics.median(f / b for b, f in pairs), 2)
     with torch.no_grad():
         raw = net(x)
     for term in WEIGHTS:
@@ -150,11 +165,17 @@ def bench_loss(batch: int, size: int, steps: int, setting: str, backbone: str = 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m segexp.bench bottomup", description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=["meanshift", "loss"], help="run one of the two parts")
+    parser.add_argument("--setting", choices=list(SETTINGS), help="loss: one setting only")
+    parser.add_argument("--steps", type=int, help="loss: alternating step pairs (default 3, quick 1)")
     args = parser.parse_args(argv)
     batch, size, steps = (2, 64, 1) if args.quick else (8, 128, 3)
-    results = {"meanshift": bench_meanshift(64 if args.quick else 128)}
-    for setting in SETTINGS:
-        results[f"loss_{setting}"] = bench_loss(batch, size, steps, setting)
+    results = {}
+    if args.only != "loss":
+        results["meanshift"] = bench_meanshift(64 if args.quick else 128)
+    if args.only != "meanshift":
+        for setting in [args.setting] if args.setting else SETTINGS:
+            results[f"loss_{setting}"] = bench_loss(batch, size, args.steps or steps, setting)
     for section, numbers in results.items():
         print(f"[{section}]")
         for k, v in numbers.items():

@@ -34,7 +34,7 @@ the three numbers but the stripped text does not say which term carries which: t
 (contrast, MSE, gradient) follows the order the terms are introduced in; ``w_reg`` is not given
 (1.0, like the unweighted La/Lr, *choice*).
 
-Target lines: computed in float32 (autocast off) per image with ``torch.linalg.eigh``
+All terms are computed in float32 (autocast off). Target lines: per image with ``torch.linalg.eigh``
 (``lines.solver: eigh``) or power iteration (``power``). ``lines.detach`` (default true) stops
 gradients through ``mu`` and hence through ``T``: the eigenvector derivative has
 ``1/(lambda_1 - lambda_2)`` terms that explode for entities whose features are still spread out.
@@ -46,9 +46,11 @@ loss. The kernel of the paper is not recoverable (3 = one-pixel band, *choice*).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -150,20 +152,25 @@ def target_lines(
     ``C_g = F_g^T F_g`` is formed from each group's own pixels (cost n D^2 per image in total, not
     G n D^2), in float32; a group without pixels gets a zero line. The sign is arbitrary (lines).
     """
+    counts = torch.bincount(labels, minlength=num_groups)
+    return _sorted_lines(features[torch.argsort(labels)], counts, solver, power_iters, detach)
+
+
+def _sorted_lines(
+    features: torch.Tensor, counts: torch.Tensor, solver: str, power_iters: int, detach: bool
+) -> torch.Tensor:
+    """:func:`target_lines` of features already sorted by group (``counts[g]`` rows of group g)."""
     with torch.autocast(device_type=features.device.type, enabled=False):
         f = features.float()
         if detach:
             f = f.detach()
-        order = torch.argsort(labels)
-        counts = torch.bincount(labels, minlength=num_groups).tolist()
         d = f.shape[1]
         scatters = [
             chunk.T @ chunk if chunk.shape[0] else f.new_zeros(d, d)
-            for chunk in torch.split(f[order], counts)
+            for chunk in torch.split(f, counts.tolist())
         ]
         lines = _principal_eigvec(torch.stack(scatters), solver, power_iters)
-        present = torch.tensor(counts, device=f.device) > 0
-        return lines * present[:, None]
+        return lines * (counts > 0)[:, None]
 
 
 # ------------------------------------------------------------------------------------ terms
@@ -171,10 +178,14 @@ def target_lines(
 
 def unit_length_loss(raw: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 3: mean over (valid) pixels of (||F_p|| - 1)^2 on the raw (B,D,H,W) output."""
-    err = (raw.float().norm(dim=1) - 1.0) ** 2
+    return _unit_length(raw.float().norm(dim=1), valid)
+
+
+def _unit_length(norms: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    err = (norms - 1.0) ** 2
     if valid is None:
         return err.mean()
-    v = valid.to(err.dtype)
+    v = valid.to(err.dtype).reshape(err.shape)
     return (err * v).sum() / v.sum().clamp(min=1)
 
 
@@ -187,12 +198,15 @@ def group_mean(values: torch.Tensor, labels: torch.Tensor, num_groups: int) -> t
 
 def attraction_loss(features: torch.Tensor, lines: torch.Tensor, groups: EntityGroups) -> torch.Tensor:
     """Eq. 5 for one image: mean over entities of mean_{p in S_k} (1 - |mu_k . f_p|)."""
-    n = groups.num_entities
-    if n == 0:
+    if groups.num_entities == 0:
         return features.sum() * 0.0
-    own = (features * lines[groups.labels]).sum(1).abs()
-    per_group = group_mean(1.0 - own, groups.labels, n + 1)
-    return per_group[1:].mean()
+    return _attraction((features @ lines.T).abs(), groups.labels, groups.num_entities)
+
+
+def _attraction(abs_dots: torch.Tensor, labels: torch.Tensor, num_entities: int) -> torch.Tensor:
+    """Eq. 5 from ``|f_p . mu_g|`` (n, G) of every pixel and line."""
+    own = abs_dots.gather(1, labels[:, None]).squeeze(1)
+    return group_mean(1.0 - own, labels, num_entities + 1)[1:].mean()
 
 
 def repulsion_normaliser(num_entities: int, has_background: bool, mode: str) -> float:
@@ -211,17 +225,88 @@ def repulsion_loss(
 ) -> torch.Tensor:
     """Eq. 6 for one image: every group's pixels pushed orthogonal to every *other* group's line
     (background pixels to all entity lines, entity pixels to the background line too)."""
+    return _repulsion((features @ lines.T).abs(), groups, norm)
+
+
+def _repulsion(
+    abs_dots: torch.Tensor, groups: EntityGroups, norm: str, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Eq. 6 from ``|f_p . mu_g|`` (n, G); ``labels``: the rows' groups when not ``groups.labels``."""
     n_groups = groups.num_entities + 1
-    present = torch.zeros(n_groups, dtype=torch.bool, device=features.device)
-    present[1:] = True
+    if groups.num_entities + int(groups.has_background) < 2:
+        return abs_dots.sum() * 0.0
+    present = torch.ones(n_groups, dtype=torch.bool, device=abs_dots.device)
     present[0] = groups.has_background
-    if int(present.sum()) < 2:
-        return features.sum() * 0.0
-    dots = (features @ lines.T).abs()  # (n, G)
-    per_group = group_mean(dots, groups.labels, n_groups)  # (G_pixels, G_lines)
-    other = present[:, None] & present[None, :] & ~torch.eye(n_groups, dtype=torch.bool, device=dots.device)
+    per_group = group_mean(abs_dots, groups.labels if labels is None else labels, n_groups)
+    other = (
+        present[:, None] & present[None, :] & ~torch.eye(n_groups, dtype=torch.bool, device=present.device)
+    )
     total = (per_group * other).sum()
     return total / repulsion_normaliser(groups.num_entities, groups.has_background, norm)
+
+
+class _SampledDots(torch.autograd.Function):
+    """``out[r, j] = queries[r] . keys[index[r, j]]`` as a sampled dense-dense product through a CSR
+    pattern: R x N dot products, neither an (R x pixels) product nor an (R, N, D) copy of the keys
+    (on CPU ~8x faster than the product at ReCo's 256 x 512 per entity). Gradient to the queries
+    only, through the same pattern (a sparse x dense product)."""
+
+    @staticmethod
+    def _pattern(index: torch.Tensor, num_keys: int, values: torch.Tensor) -> torch.Tensor:
+        r, n = index.shape
+        crow = torch.arange(0, r * n + 1, n, device=index.device)
+        with warnings.catch_warnings():  # CSR is "beta" in torch
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(
+                crow, index.reshape(-1), values, (r, num_keys), check_invariants=False
+            )
+
+    @staticmethod
+    def forward(ctx, queries: torch.Tensor, keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        pattern = _SampledDots._pattern(index, keys.shape[0], queries.new_zeros(index.numel()))
+        torch.sparse.sampled_addmm(pattern, queries, keys.T, beta=0.0, out=pattern)  # in place: no copy
+        ctx.save_for_backward(keys, index)
+        return pattern.values().view(index.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        keys, index = ctx.saved_tensors
+        pattern = _SampledDots._pattern(index, keys.shape[0], grad.reshape(-1).contiguous())
+        return pattern @ keys, None, None
+
+
+def _negative_logits(
+    queries: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, mode: str, chunk: int
+) -> torch.Tensor:
+    """``queries[r] . keys[index[r, j]]`` (R, N); ``keys`` without gradient (see :func:`reco_loss`)."""
+    if mode == "sampled" and index.shape[1] <= keys.shape[0]:  # (sampled_addmm: no more entries than cells)
+        return _SampledDots.apply(queries, keys, index)
+    mode = "dense" if mode == "sampled" else mode  # more negatives than pixels: the product is cheaper
+    rows = []
+    for s in range(0, queries.shape[0], chunk):  # one entity's queries at a time: bounded memory
+        q, idx = queries[s : s + chunk], index[s : s + chunk]
+        if mode == "dense":
+            rows.append((q @ keys.T).gather(1, idx))
+        elif mode == "gather":
+            rows.append(torch.einsum("qd,qnd->qn", q, keys[idx]))
+        else:
+            raise ValueError(f"reco keys={mode!r}: choose sampled, dense or gather")
+    return torch.cat(rows)
+
+
+def _multinomial_cpu(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """``torch.multinomial(probs, n, replacement=True)`` on CPU from its ``n`` double uniforms
+    (``torch.rand(n, dtype=float64)`` of the same generator): its own inverse CDF (float32 running
+    sums over the (G,) probabilities divided by the total, the last bound 1; the first bucket whose
+    bound is >= the draw), so the very same draws, without its per-draw binary search."""
+    cum = np.cumsum(probs.numpy(), dtype=np.float32)
+    bounds = (cum / cum[-1])[:-1].astype(np.float64).tolist()  # the last bound (1) is never < u
+    if len(bounds) > 32:
+        return torch.searchsorted(torch.tensor(bounds, dtype=torch.float64), uniforms)
+    drawn = torch.zeros(uniforms.shape, dtype=torch.uint8)
+    for bound in bounds:  # count the bounds below each draw: one cheap pass per group
+        drawn += uniforms > bound
+    return drawn.long()
 
 
 def reco_loss(
@@ -233,55 +318,107 @@ def reco_loss(
     num_negatives: int = 512,
     strong_threshold: float = 0.97,
     generator: torch.Generator | None = None,
-    dense_keys: bool | None = None,
+    keys: str | None = None,
 ) -> torch.Tensor:
     """ReCo regional contrast on the projective sphere for one image (see module docstring).
 
-    ``dense_keys``: how the negative logits are formed -- one (queries x pixels) product then a
-    gather (True), or a gather of the (queries x negatives x D) keys (False); same values. None
-    picks the product when there are more negative keys than pixels.
+    ``keys``: how the negative logits are formed -- ``sampled`` (the Q x N dot products only, a
+    sparse sampled product; ``dense`` when N exceeds the pixel count), ``dense`` (a (queries x
+    pixels) product, then a gather) or ``gather`` (a (Q, N, D) gather of the keys); same values.
+    None: ``sampled`` on CPU, elsewhere ``dense`` when there are more negative keys than pixels,
+    else ``gather``.
     """
-    n_groups = groups.num_entities + 1
-    labels = groups.labels
-    counts = torch.bincount(labels, minlength=n_groups)
+    order = torch.argsort(groups.labels)
+    f = features[order]
+    own = (f.detach() * lines.detach()[groups.labels[order]]).sum(1).abs()
+    counts = torch.bincount(groups.labels, minlength=groups.num_entities + 1)
+    return _reco(
+        f,
+        groups.labels,
+        order,
+        counts,
+        own,
+        lines,
+        temperature,
+        num_queries,
+        num_negatives,
+        strong_threshold,
+        generator,
+        keys,
+    )
+
+
+def _reco(
+    f: torch.Tensor,
+    labels: torch.Tensor,
+    order: torch.Tensor,
+    counts: torch.Tensor,
+    own: torch.Tensor,
+    lines: torch.Tensor,
+    temperature: float,
+    num_queries: int,
+    num_negatives: int,
+    strong_threshold: float,
+    generator: torch.Generator | None,
+    keys: str | None,
+) -> torch.Tensor:
+    """:func:`reco_loss` on features sorted by group: ``f = features[order]`` with ``order =
+    argsort(labels)`` (``labels`` in pixel order), ``own`` = ``|mu_label . f|`` of the sorted rows.
+
+    Sampling, per entity k in turn (the random stream of the per-entity formulation): Q hard pixels
+    of k uniformly, in pixel order (``randint``); Q*N negative groups ~ softmax(|mu_k . mu_j| / tau)
+    (on CPU by torch.multinomial's own inverse CDF, vectorised: the same draws); a pixel of each
+    group uniformly, the offset-th in ``order`` (``rand``). Then one batch for all entities."""
+    n_groups = counts.numel()
     present = counts > 0
-    if groups.num_entities == 0 or int(present.sum()) < 2:
-        return features.sum() * 0.0
-    device = features.device
-    own = (features * lines[labels]).sum(1).abs()
-    order = torch.argsort(labels)
+    if n_groups < 2 or int(present.sum()) < 2:
+        return f.sum() * 0.0
+    device, (n, d) = f.device, f.shape
+    q_n, k_n = num_queries, num_negatives
+    position = torch.empty_like(order)
+    position[order] = torch.arange(n, device=device)  # pixel order -> sorted row
+    hard_mask = torch.zeros(n, dtype=torch.bool, device=device)
+    hard_mask[order] = own < strong_threshold
+    hard = (hard_mask & (labels > 0)).nonzero().squeeze(1)  # in pixel order, as the definition
+    hard_labels = labels[hard]
+    cpu = device.type == "cpu"
+    pos_lines = lines.detach()
     starts = torch.cumsum(counts, 0) - counts
-    losses = []
+    sizes = counts.to(torch.float32)
+    neg_rows = torch.empty(n_groups - 1, q_n * k_n, dtype=torch.long, device=device)
+    entities, queries = [], []
     for k in range(1, n_groups):
-        hard = ((labels == k) & (own < strong_threshold)).nonzero().squeeze(1)
-        if hard.numel() == 0:
+        hard_k = hard[hard_labels == k]
+        if hard_k.numel() == 0:
             continue
-        q_idx = hard[torch.randint(hard.numel(), (num_queries,), device=device, generator=generator)]
-        queries = features[q_idx]  # (Q, D), gradient flows here only
-        with torch.no_grad():
-            sim = (lines[k] @ lines.T).abs() / temperature
-            sim[k] = float("-inf")
-            sim[~present] = float("-inf")
-            probs = torch.softmax(sim, 0)
-            neg_groups = torch.multinomial(
-                probs, num_queries * num_negatives, replacement=True, generator=generator
-            )
-            offset = (
-                torch.rand(neg_groups.shape, device=device, generator=generator) * counts[neg_groups]
-            ).long()
-            neg_index = order[starts[neg_groups] + offset].view(num_queries, num_negatives)
-            pos = lines[k].detach()
-        if dense_keys if dense_keys is not None else num_queries * num_negatives >= features.shape[0]:
-            # more negative keys than pixels: one GEMM against every pixel, then pick (same values,
-            # far less memory traffic than gathering a (Q, negatives, D) tensor)
-            neg_logits = (queries @ features.detach().T).gather(1, neg_index)
+        e = len(entities)
+        entities.append(k)
+        queries.append(hard_k[torch.randint(hard_k.numel(), (q_n,), device=device, generator=generator)])
+        sim = (pos_lines[k] @ pos_lines.T).abs() / temperature
+        sim[k] = float("-inf")
+        sim[~present] = float("-inf")
+        probs = torch.softmax(sim, 0)
+        if cpu:
+            uniforms = torch.rand(q_n * k_n, dtype=torch.float64, generator=generator)
+            neg_groups = _multinomial_cpu(probs, uniforms)
         else:
-            neg_logits = torch.einsum("qd,qnd->qn", queries, features.detach()[neg_index])
-        logits = torch.cat([(queries @ pos)[:, None], neg_logits], 1).abs() / temperature
-        losses.append(F.cross_entropy(logits, torch.zeros(num_queries, dtype=torch.long, device=device)))
-    if not losses:
-        return features.sum() * 0.0
-    return torch.stack(losses).mean()
+            neg_groups = torch.multinomial(probs, q_n * k_n, replacement=True, generator=generator)
+        offsets = torch.rand(q_n * k_n, device=device, generator=generator)
+        # the offset-th pixel of the group (float32 product, truncated: as rand * counts[g])
+        torch.index_select(starts, 0, neg_groups, out=neg_rows[e])
+        neg_rows[e] += offsets.mul_(sizes.index_select(0, neg_groups)).long()
+    if not entities:
+        return f.sum() * 0.0
+    num = len(entities)
+    neg_rows = neg_rows[:num].view(num * q_n, k_n)
+    q = f[position[torch.cat(queries)]]  # (num*Q, D), gradient flows here only
+    pos = torch.bmm(q.view(num, q_n, d), pos_lines[entities][:, :, None]).view(num * q_n).abs() / temperature
+    if keys is None:
+        keys = "sampled" if cpu else ("dense" if q_n * k_n >= n else "gather")
+    neg = _negative_logits(q, f.detach(), neg_rows, keys, q_n).abs() / temperature
+    # cross-entropy with the positive as class 0, without concatenating the logits
+    nll = torch.logaddexp(pos, torch.logsumexp(neg, 1)) - pos
+    return nll.view(num, q_n).mean(1).mean()
 
 
 def segment_transform(
@@ -334,6 +471,13 @@ def segment_space_losses(
     d, h, w = features_map.shape
     with torch.autocast(device_type=features_map.device.type, enabled=False):
         seg = (transform @ features_map.float().reshape(d, h * w)).abs().view(-1, h, w)
+    return _segment_space(seg, entities, keep, groups, scales)
+
+
+def _segment_space(
+    seg: torch.Tensor, entities: torch.Tensor, keep: torch.Tensor, groups: EntityGroups, scales: int
+) -> dict[str, torch.Tensor]:
+    """Eq. 8 from the maps ``s`` (N,H,W); only kept pixels count (others may hold anything finite)."""
     ids = torch.unique(entities.reshape(-1)[groups.index])
     ids = ids[ids != 0]
     target = (entities[None] == ids[:, None, None]).to(seg.dtype)
@@ -344,6 +488,50 @@ def segment_space_losses(
     return {"mse": mse.mean(), "grad": grad}
 
 
+class _UnitRows(torch.autograd.Function):
+    """``F.normalize(raw, dim=1)`` read at the given pixels of some images, as one (n_i, D) tensor
+    of rows per image, and the norms of all pixels (B, H*W). Instead of the graph of
+    normalise-then-select (a normalised copy of the whole output, then a full-size gradient per
+    selected image and several per term): a gather per image, and one full-size gradient."""
+
+    @staticmethod
+    def forward(ctx, raw: torch.Tensor, images: list[int], pixels: list[torch.Tensor]):
+        ctx.set_materialize_grads(False)
+        flat = raw.reshape(raw.shape[0], raw.shape[1], -1)
+        norms = flat.norm(dim=1)
+        units, row_norms = [], []
+        for i, pix in zip(images, pixels):
+            row_norms.append(norms[i].index_select(0, pix))
+            units.append(flat[i].T[pix].div_(row_norms[-1].clamp_min(_EPS)[:, None]))
+        ctx.images = images
+        ctx.save_for_backward(raw, norms, *pixels, *units, *row_norms)
+        return (norms, *units)
+
+    @staticmethod
+    def backward(ctx, g_norms: torch.Tensor | None, *g_units: torch.Tensor | None):
+        raw, norms, *rest = ctx.saved_tensors
+        k = len(ctx.images)
+        pixels, units, row_norms = rest[:k], rest[k : 2 * k], rest[2 * k :]
+        flat = raw.reshape(raw.shape[0], raw.shape[1], -1)
+        scale = None  # d|x|/dx = x / |x|, 0 at x = 0 (as torch's norm)
+        if g_norms is not None:
+            scale = (g_norms / norms).masked_fill(norms == 0, 0.0)
+        grad = flat * scale[:, None] if scale is not None else torch.zeros_like(flat)
+        for i, pix, unit, row_norm, g in zip(ctx.images, pixels, units, row_norms, g_units):
+            if g is None:
+                continue
+            # x / max(|x|, eps): (g - u (u . g)) / |x|, or g / eps below eps; one buffer, in place
+            rows = torch.mul(g, unit)
+            radial = rows.sum(1).masked_fill_(row_norm < _EPS, 0.0)
+            torch.mul(unit, radial[:, None], out=rows)
+            torch.sub(g, rows, out=rows).div_(row_norm.clamp_min(_EPS)[:, None])
+            grad[i].T.index_put_((pix,), rows, accumulate=True)
+        return grad.view_as(raw), None, None
+
+
+_EPS = 1e-12  # F.normalize's
+
+
 # ------------------------------------------------------------------------------------ the module
 
 
@@ -352,6 +540,10 @@ class BottomUpLoss(nn.Module):
 
     Returns ``{term: weighted value}`` for the enabled terms with non-zero weight, plus (under
     ``diagnostics``, not part of the loss) the fraction of images skipped as degenerate.
+
+    Cost: the kept pixels of all images are gathered once, as unit rows sorted by group; per image
+    one product ``f [mu; T]^T`` serves attraction, repulsion, ReCo's hard queries and the segment
+    maps; ReCo samples per entity and then forms only its Q x N logits, for all entities at once.
     """
 
     def __init__(
@@ -385,6 +577,7 @@ class BottomUpLoss(nn.Module):
             "num_queries": 256,
             "num_negatives": 512,
             "strong_threshold": 0.97,
+            "keys": None,  # how the negative logits are formed (reco_loss); None: by device
             **dict(contrast or {}),
         }
         self.segment_space = {
@@ -400,60 +593,75 @@ class BottomUpLoss(nn.Module):
     def forward(
         self, raw: torch.Tensor, entities: torch.Tensor, valid: torch.Tensor | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        feats = F.normalize(raw.float(), dim=1)
+        with torch.autocast(device_type=raw.device.type, enabled=False):  # float32 throughout
+            return self._forward(raw.float(), entities, valid)
+
+    def _forward(
+        self, raw: torch.Tensor, entities: torch.Tensor, valid: torch.Tensor | None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        b, d, h, w = raw.shape
         keep = eroded_keep(entities, self.erosion, valid, self.ignore_index)
-        b, d = feats.shape[:2]
+        images = []  # (image, groups, order = argsort(labels))
+        if any(t != "reg" for t in self.active_terms):
+            for i in range(b):
+                groups = entity_groups(entities[i], keep[i])
+                if groups.num_entities:
+                    images.append((i, groups, torch.argsort(groups.labels)))
+        norms, pixels, rows = None, [groups.index[order] for _, groups, order in images], []
+        if images:
+            norms, *rows = _UnitRows.apply(raw, [i for i, _, _ in images], pixels)
         per_image: dict[str, list[torch.Tensor]] = {t: [] for t in TERMS if t != "reg"}
         degenerate = considered = 0
-        for i in range(b):
-            groups = entity_groups(entities[i], keep[i])
-            if groups.num_entities == 0:
-                continue
-            fmap = feats[i]
-            f = fmap.reshape(d, -1).T[groups.index]
-            lines = target_lines(
-                f,
-                groups.labels,
-                groups.num_entities + 1,
-                self.lines["solver"],
-                int(self.lines["power_iters"]),
-                bool(self.lines["detach"]),
+        s, c = self.segment_space, self.contrast
+        for (i, groups, order), pix, f in zip(images, pixels, rows):
+            labels = groups.labels[order]
+            n_groups = groups.num_entities + 1
+            counts = torch.bincount(labels, minlength=n_groups)
+            lines = _sorted_lines(
+                f, counts, self.lines["solver"], int(self.lines["power_iters"]), bool(self.lines["detach"])
             )
+            transform = None
+            if self.active("mse") or self.active("grad"):
+                considered += 1
+                transform = segment_transform(lines[1:], float(s["max_line_cos"]), float(s["max_condition"]))
+                degenerate += transform is None
+            dots = f @ (lines if transform is None else torch.cat([lines, transform])).T
+            abs_dots = dots[:, :n_groups].abs()
             if self.active("attraction"):
-                per_image["attraction"].append(attraction_loss(f, lines, groups))
+                per_image["attraction"].append(_attraction(abs_dots, labels, groups.num_entities))
             if self.active("repulsion"):
-                per_image["repulsion"].append(repulsion_loss(f, lines, groups, self.repulsion_norm))
+                per_image["repulsion"].append(_repulsion(abs_dots, groups, self.repulsion_norm, labels))
             if self.active("contrast"):
-                c = self.contrast
+                own = abs_dots.detach().gather(1, labels[:, None]).squeeze(1)
                 per_image["contrast"].append(
-                    reco_loss(
+                    _reco(
                         f,
+                        groups.labels,
+                        order,
+                        counts,
+                        own,
                         lines,
-                        groups,
                         float(c["temperature"]),
                         int(c["num_queries"]),
                         int(c["num_negatives"]),
                         float(c["strong_threshold"]),
+                        None,
+                        c["keys"],
                     )
                 )
-            if self.active("mse") or self.active("grad"):
-                considered += 1
-                s = self.segment_space
-                transform = segment_transform(lines[1:], float(s["max_line_cos"]), float(s["max_condition"]))
-                if transform is None:
-                    degenerate += 1
-                    continue
-                terms = segment_space_losses(fmap, transform, entities[i], keep[i], groups, int(s["scales"]))
+            if transform is not None:
+                seg = dots[:, n_groups:].abs()  # kept pixels only: the others count in no term
+                seg = seg.new_zeros(h * w, seg.shape[1]).index_copy(0, pix, seg).T.reshape(-1, h, w)
+                terms = _segment_space(seg, entities[i], keep[i], groups, int(s["scales"]))
                 for t in ("mse", "grad"):
                     if self.active(t):
                         per_image[t].append(terms[t])
-        zero = feats.sum() * 0.0
         out: dict[str, torch.Tensor] = {}
         for t in self.active_terms:
             if t == "reg":
-                value = unit_length_loss(raw, valid)
+                value = unit_length_loss(raw, valid) if norms is None else _unit_length(norms, valid)
             else:
-                value = torch.stack(per_image[t]).mean() if per_image[t] else zero
+                value = torch.stack(per_image[t]).mean() if per_image[t] else raw.sum() * 0.0
             out[t] = self.weights[t] * value
         diagnostics = {"degenerate_fraction": degenerate / considered if considered else 0.0}
         return out, diagnostics
