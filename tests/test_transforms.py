@@ -100,3 +100,27 @@ def test_min_box_visibility_decides_whether_a_cropped_box_survives():
     assert SampleTransform(crop, min_box_visibility=0.2)(s)["boxes"].shape == (0, 4)
     kept = SampleTransform(crop, min_box_visibility=0.0)(s)["boxes"]
     assert torch.allclose(kept, torch.tensor([[0.0, 10.0, 1.0, 20.0]]), atol=1e-4)
+
+
+def test_voc_crop_pads_with_the_mean_colour_at_a_random_offset_as_psa_and_seam_do():
+    # imutils.RandomCrop puts the *normalised* image in a zero container at a random offset: the padding
+    # is the mean colour (~0 after normalisation) and the image lands anywhere in the crop
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose
+
+    cfg = compose(["+experiment=seam_voc", "data.image_size=64"])
+    pad, crop = [op for op in instantiate(cfg.data.transforms.train) if "Pad" in type(op).__name__ or
+                 type(op).__name__ == "RandomCrop"]  # fmt: skip
+    transform = SampleTransform([pad, crop])
+    offsets = set()
+    for seed in range(8):
+        transform.compose.set_random_seed(seed)
+        out = transform(_sample(40, 50))
+        valid = out["valid"].bool()
+        assert valid.sum().item() == 40 * 50
+        assert out["image"][:, ~valid].abs().max().item() < 0.01  # the mean colour, normalised
+        assert (out["mask"][~valid] == 255).all()
+        ys, xs = torch.nonzero(valid, as_tuple=True)
+        offsets.add((ys.min().item(), xs.min().item()))
+    assert len(offsets) > 1

@@ -91,7 +91,7 @@ whitespace) against ``conf/experiment/amn_voc.yaml``, ``conf/stage/{ir_labels,ir
 * random scale U(0.5, 1.5), PIL bicubic image / nearest IR labels, flip 0.5, no colour jitter, ImageNet
   mean / std: matched (albumentations ``RandomScale``, cv2 kernels);
 * crop 512, image padded with 0 after normalisation (the mean colour), labels with 255, at a random
-  offset: matched (``fill: [124, 116, 104]``, the rounded mean; ``valid`` -> ignore), centred here;
+  offset: matched (``fill: [124, 116, 104]``, the rounded mean, ``position: random``; ``valid`` -> ignore);
 * batch 16 (drop_last), 5 epochs, constant lr: matched; image labels from ``cls_labels.npy`` (XML
   annotations): differs, ``voc_aug`` reads them from the masks (``data.reader.labels_from=xml``);
 * first-round IR labels 0.30 / 0.05 of the CAM network's ``high_res`` maps: matched (``amn_voc``); that

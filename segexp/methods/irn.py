@@ -40,8 +40,8 @@ Release differences (data pipeline / inference), ``voc12/dataloader.py``, ``misc
 * random scale U(0.5, 1.5), PIL bicubic image / nearest labels, flip 0.5, no colour jitter, ImageNet
   mean / std: matched (albumentations, cv2 kernels);
 * crop 512: the release pads the normalised image with 0 (the mean colour) and the labels with 255 at a
-  random offset; intentionally different (transform order): black, centred (``amn_voc``'s
-  ``fill: [124, 116, 104]`` would match), labels -> ignore: matched;
+  random offset: matched (``fill: [124, 116, 104]``, the rounded mean before normalisation, ``position:
+  random``), labels -> ignore: matched;
 * labels to the stride-4 grid (PIL nearest, 0.25): matched; batch 32 (drop_last), 3 epochs, lr 0.1 / 1.0
   (edge / displacement), wd 1e-4 on every parameter, momentum 1e-4, poly 0.9: matched;
 * IR labels: background 0.30 / 0.05, CRF of each argmax (``gt_prob`` 0.7, 3 / 3, 50 / 5 / 10, 10 iterations):
