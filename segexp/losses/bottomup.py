@@ -488,6 +488,9 @@ def _segment_space(
     return {"mse": mse.mean(), "grad": grad}
 
 
+_EPS = 1e-12  # F.normalize's
+
+
 class _UnitRows(torch.autograd.Function):
     """``F.normalize(raw, dim=1)`` read at the given pixels of some images, as one (n_i, D) tensor
     of rows per image, and the norms of all pixels (B, H*W). Instead of the graph of
@@ -528,8 +531,6 @@ class _UnitRows(torch.autograd.Function):
             grad[i].T.index_put_((pix,), rows, accumulate=True)
         return grad.view_as(raw), None, None
 
-
-_EPS = 1e-12  # F.normalize's
 
 
 # ------------------------------------------------------------------------------------ the module

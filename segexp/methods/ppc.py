@@ -85,7 +85,8 @@ Release differences (data pipeline / inference), read from ``contrast_train.py``
 * flip 0.5, ColorJitter(0.3, 0.3, 0.3, 0.1) on the image only, ImageNet mean / std: matched
   (albumentations' jitter, torchvision's in the release);
 * crop 448: release pads the *normalised* image with 0 (the mean colour) at a random offset;
-  matched (``seam_voc``: ``fill: [124, 116, 104]``, the rounded mean before normalisation, ``position: random``);
+  matched (``seam_voc``: ``fill: [124, 116, 104]``, the rounded mean before normalisation,
+  ``position: random``);
 * saliency: RGB PNG averaged / 255, resized *bicubic* with the image, padded 0; intentionally different:
   a grey map carried as a mask (nearest); view 2's map bilinear to 128 (align_corners): matched;
 * batch 8 (drop_last), lr 0.01, groups 1x / 2x / 10x / 20x, wd 5e-4 (0 on biases), momentum 5e-4
