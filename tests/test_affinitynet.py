@@ -14,7 +14,7 @@ from torch import nn
 from segexp.inference.random_walk import sparse_affinity
 from segexp.losses.affinity import affinity_labels, affinity_loss, pair_offsets
 from segexp.methods.affinitynet import AffinityNetMethod, labels_on_grid, pair_masks
-from segexp.models.affinitynet import pair_affinity, pair_indices
+from segexp.models.affinitynet import grid_pair_affinity, pair_affinity, pair_indices
 from tests.conftest import config_weights
 
 CLASSES = ["background", "a", "b"]
@@ -160,6 +160,22 @@ def test_affinity_is_symmetric_with_unit_diagonal_and_zero_beyond_the_radius():
     yy, xx = np.divmod(np.arange(42), 7)
     far = torch.from_numpy((yy[:, None] - yy[None]) ** 2 + (xx[:, None] - xx[None]) ** 2 >= 9)
     assert torch.all(dense[far] == 0) and torch.all(dense[~far] > 0)
+
+
+@pytest.mark.parametrize("h,w,radius", [(6, 7, 3), (9, 5, 2), (16, 16, 5)])
+def test_grid_affinity_is_the_gathered_affinity_in_the_same_pair_order(h, w, radius):
+    """The shifted-slice affinity (training and inference) against the psa-style gather, values and
+    gradient; a wrong offset, border or order moves both by O(1)."""
+    torch.manual_seed(0)
+    emb = torch.randn(2, 5, h, w, requires_grad=True)
+    src, dst = pair_indices(h, w, radius)
+    gathered, sliced = pair_affinity(emb, src, dst), grid_pair_affinity(emb, radius)
+    assert sliced.shape == gathered.shape == (2, len(src))
+    torch.testing.assert_close(sliced, gathered, rtol=0, atol=1e-6)
+    weights = torch.randn_like(gathered)
+    (g_gathered,) = torch.autograd.grad((gathered * weights).sum(), emb)
+    (g_sliced,) = torch.autograd.grad((sliced * weights).sum(), emb)
+    torch.testing.assert_close(g_sliced, g_gathered, rtol=0, atol=1e-6)
 
 
 # -- the rw stage on a synthetic image -------------------------------------------------------------------
@@ -355,3 +371,8 @@ def test_affinity_run_drops_cam_method_overrides_and_both_papers_settings_compos
     assert (psa_cfg.affinity.labels.la_alpha, psa_cfg.affinity.labels.ha_alpha) == (4.0, 32.0)
     assert "schedule.optimizer.lr=0.1" in psa_cfg.affinity.overrides and psa.name == "rw_psa"
     assert "schedule.optimizer.lr=0.1" not in seam_cfg.affinity.overrides
+    # train_aff.py's 8 epochs, not the experiment's own schedule.epochs (cam_shapes: 20) carried over
+    for cfg in (seam_cfg, psa_cfg):
+        schedule = f"schedule={cfg.affinity.schedule}"
+        run_cfg = compose(["+experiment=cam_shapes", schedule, *cfg.affinity.overrides])
+        assert run_cfg.schedule.epochs == 8 and run_cfg.schedule.optimizer._target_ == "torch.optim.SGD"

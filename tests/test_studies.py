@@ -53,6 +53,14 @@ STUDIES = {
         ["val/cam_best_mIoU", "testbed/cooc/circle/water/fp_rate/stuff_without_class"],
         {"variant": ["base", "fbr", "quirks"]},
     ),
+    "study_fbr_seam": (
+        ["val/cam_best_mIoU", "testbed/cooc/circle/water/fp_rate/stuff_without_class"],
+        {"variant": ["base", "fbr", "quirks"]},
+    ),
+    "study_seam_pipeline": (
+        ["train/val/cam_best_mIoU", "crf/pseudo_mIoU", "rw/pseudo_mIoU", "retrain/val/mIoU"],
+        {"variant": ["er_pcm_ohem"]},
+    ),
     "study_sccam": (
         ["rounds/0/cam/best_mIoU", "rounds/1/cam/best_mIoU", "rounds/1/clusters/subtype_purity"],
         {"variant": ["rounds", "k2", "k5"]},
@@ -60,13 +68,19 @@ STUDIES = {
 }
 
 #: studies whose jobs are pipelines (`segexp.pipeline -m`), with the pipeline's own overrides
-PIPELINE_STUDIES = {"study_sccam": ["stop_after=train"]}
+PIPELINE_STUDIES = {
+    "study_sccam": ["stop_after=train"],
+    "study_seam_pipeline": ["pipeline.retrain_epochs=1"],
+}
+
+#: studies whose rows start from the miniature ImageNet (a CAM network trained on the default set)
+PRETRAINED = {"study_seam", "study_seam_pipeline", "study_fbr_seam"}
 
 
 def pretrained_backbone(study: str, data_dir, tmp_path) -> list[str]:
-    """study_seam starts every row from a CAM network trained on the default set (its miniature
-    ImageNet); here a few steps of one, as the study's README makes it."""
-    if study != "study_seam":
+    """The miniature ImageNet of a PRETRAINED study; here a few steps of one, as the study's README
+    makes it."""
+    if study not in PRETRAINED:
         return []
     run = tmp_path / "pretrain"
     args = ["+experiment=cam_shapes", *SHORT[:-1], f"paths.data_dir={data_dir}", f"hydra.run.dir={run}"]
@@ -82,7 +96,12 @@ def sweep_params(study: str) -> dict[str, list[str]]:
         "params"
     ]
     parser = OverridesParser.create()
-    return {k: list(parser.parse_override(f"{k}={v}").sweep_string_iterator()) for k, v in params.items()}
+    out = {}
+    for key, value in params.items():
+        override = parser.parse_override(f"{key}={value}")
+        sweep = override.is_sweep_override()  # a single value (one row) is an element, not a sweep
+        out[key] = list(override.sweep_string_iterator()) if sweep else [override.get_value_element_as_str()]
+    return out
 
 
 def test_every_study_is_listed_here():
@@ -98,7 +117,7 @@ def test_study_sweeps_what_its_table_lists_and_each_value_composes(study, tmp_pa
     assert params == swept
     for key, values in swept.items():
         for value in values:
-            weights = ["backbone.pretrained=/x.ckpt"] if study == "study_seam" else []
+            weights = ["backbone.pretrained=/x.ckpt"] if study in PRETRAINED else []
             cfg = compose(
                 [f"+experiment={study}", "hydra.mode=RUN", f"{key}={value}", *weights], out_dir=tmp_path
             )

@@ -1,7 +1,8 @@
 """Benchmark: Box2Seg costs on this machine.
 
 * GrabCut stage throughput (images/s) with 1 and 2 processes on a synthetic shapes set, each
-  from an empty cache (pool start-up included: that is what a user waits for).
+  from an empty cache (pool start-up included: that is what a user waits for), the spawn pool's
+  start-up on its own, and the machine's 1 -> 2 process ceiling (``_parallel``) to judge them by.
 * Training-step throughput (images/s, forward + backward + SGD step) of Box2Seg (three heads, all
   loss terms) vs the bare DeepLabV3+ / CE baseline at the same size and backbone.
 * Peak memory of the affinity term (forward + backward) at several image sizes vs its stated bound
@@ -24,11 +25,12 @@ import torch.nn.functional as F
 
 
 def bench_grabcut(num_images: int, size: int, processes: tuple[int, ...] = (1, 2)) -> dict:
+    from segexp.bench._parallel import cpu_ceiling, spawn_startup_seconds
     from segexp.data.readers.voc import VOCSegmentation
     from segexp.data.synth import CLASS_NAMES, ensure_synthetic
     from segexp.stages.grabcut import GrabCutStage
 
-    out = {}
+    out = {"pool_startup_s": spawn_startup_seconds(max(processes)), **cpu_ceiling()}
     with tempfile.TemporaryDirectory() as tmp:
         root = ensure_synthetic(Path(tmp) / "shapes", num_images=num_images, size=size, seed=0)
         reader = VOCSegmentation(root / "VOCdevkit" / "VOC2012", "train", class_names=CLASS_NAMES)

@@ -2,7 +2,8 @@
 
 * CAM export: images/s of multi-scale (0.5, 1, 1.5, 2) x flip CAMs (ResNet-18 CAM net, random init:
   the cost does not depend on the weights);
-* dense CRF (SEAM settings, 10 iterations, 21 labels): images/s with 1 and 2 processes;
+* dense CRF (SEAM settings, 10 iterations, 21 labels): images/s with 1 and 2 processes (pool start-up
+  not timed), beside the machine's own 1 -> 2 process ceiling (``_parallel.cpu_ceiling``);
 * random walk (rw stage per image: AffinityNet ResNet-18 embedding, dense affinity, beta 8, logt 6, label):
   seconds per image, the size of its dense (hw)^2 matrices and, on CUDA, the allocator's peak.
 """
@@ -17,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from segexp.bench._parallel import cpu_ceiling
 from segexp.utils.device import resolve_device
 
 
@@ -67,7 +69,8 @@ def bench_crf(size: int, n: int) -> dict:
         t0 = time.perf_counter()
         pool.map(_crf_job, jobs)
         out["images_per_s_2proc"] = round(n / (time.perf_counter() - t0), 3)
-    return out
+    out["speedup"] = round(out["images_per_s_2proc"] / out["images_per_s_1proc"], 2)
+    return {**out, **cpu_ceiling()}
 
 
 def bench_rw(size: int, n: int) -> dict:

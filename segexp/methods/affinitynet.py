@@ -34,7 +34,7 @@ from torchmetrics import Metric
 from segexp.losses.affinity import PAIR_KINDS, affinity_terms, pair_masks
 from segexp.losses.weights import term_weights
 from segexp.methods.base import SegMethod
-from segexp.models.affinitynet import effective_radius, pair_affinity, pair_indices
+from segexp.models.affinitynet import effective_radius, grid_pair_affinity, pair_indices
 
 __all__ = ["AffinityNetMethod", "labels_on_grid", "PairAccuracy"]
 
@@ -120,7 +120,8 @@ class AffinityNetMethod(SegMethod):
         emb = self(images)
         size = tuple(emb.shape[-2:])
         src, dst = self.pairs(size, emb.device)
-        return pair_affinity(emb.float(), src, dst), src, dst, size
+        radius = effective_radius(*size, self.radius)
+        return grid_pair_affinity(emb.float(), radius), src, dst, size
 
     def labelled_pairs(self, images: torch.Tensor, labels: torch.Tensor):
         aff, src, dst, size = self.affinities(images)

@@ -31,7 +31,7 @@ from torch import nn
 import segexp.models.resnet38d  # noqa: F401  (registers timm "resnet38d")
 from segexp.losses.affinity import pair_offsets
 
-__all__ = ["AffinityNet", "effective_radius", "pair_indices", "pair_affinity"]
+__all__ = ["AffinityNet", "effective_radius", "pair_indices", "pair_affinity", "grid_pair_affinity"]
 
 
 def effective_radius(h: int, w: int, radius: int) -> int:
@@ -65,6 +65,25 @@ def pair_affinity(emb: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> to
     """``exp(-mean_c |f_src - f_dst|)`` of embeddings (N, D, h, w): (N, P)."""
     f = emb.flatten(2)
     return torch.exp(-(f[:, :, src] - f[:, :, dst]).abs().mean(1))
+
+
+def grid_pair_affinity(emb: torch.Tensor, radius: int) -> torch.Tensor:
+    """:func:`pair_affinity` of every pair of :func:`pair_indices` (same order), by shifted slices.
+
+    Why: gathering both ends of every pair (as psa does) materialises two (N, D, P) copies and its
+    backward is a scatter-add over them; a slice per offset of a channels-last view reads the
+    embedding in place, and its backward is a strided copy (values identical to float rounding).
+    """
+    n, _, h, w = emb.shape
+    f = emb.permute(0, 2, 3, 1)  # (N, h, w, D): the channel mean runs over contiguous memory
+    if not f.is_contiguous():
+        f = f.contiguous()
+    out = []
+    for dy, dx in pair_offsets(radius):
+        x0, x1 = max(0, -dx), min(w, w - dx)
+        diff = f[:, 0 : h - dy, x0:x1] - f[:, dy:h, x0 + dx : x1 + dx]
+        out.append(diff.abs().mean(-1).reshape(n, -1))
+    return torch.exp(-torch.cat(out, 1))
 
 
 class AffinityNet(nn.Module):
