@@ -59,7 +59,7 @@ STUDIES = {
     ),
     "study_seam_pipeline": (
         ["train/val/cam_best_mIoU", "crf/pseudo_mIoU", "rw/pseudo_mIoU", "retrain/val/mIoU"],
-        {"variant": ["er_pcm_ohem"]},
+        {"variant": ["cam", "er_pcm_ohem"]},
     ),
     "study_sccam": (
         ["rounds/0/cam/best_mIoU", "rounds/1/cam/best_mIoU", "rounds/1/clusters/subtype_purity"],
