@@ -120,8 +120,7 @@ class AffinityNetMethod(SegMethod):
         emb = self(images)
         size = tuple(emb.shape[-2:])
         src, dst = self.pairs(size, emb.device)
-        radius = effective_radius(*size, self.radius)
-        return grid_pair_affinity(emb.float(), radius), src, dst, size
+        return grid_pair_affinity(emb.float(), effective_radius(*size, self.radius)), src, dst, size
 
     def labelled_pairs(self, images: torch.Tensor, labels: torch.Tensor):
         aff, src, dst, size = self.affinities(images)

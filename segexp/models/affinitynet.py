@@ -40,14 +40,20 @@ def effective_radius(h: int, w: int, radius: int) -> int:
     return (side - 1) // 2 if side < 2 * radius + 1 else radius
 
 
+def _pair_windows(h: int, w: int, radius: int):
+    """Per offset, the (row, column) slices of the "from" cells and of their partners, in pair order."""
+    for dy, dx in pair_offsets(radius):
+        x0, x1 = max(0, -dx), min(w, w - dx)
+        yield (slice(0, h - dy), slice(x0, x1)), (slice(dy, h), slice(x0 + dx, x1 + dx))
+
+
 @functools.lru_cache(maxsize=32)
 def _pair_indices_np(h: int, w: int, radius: int) -> tuple[np.ndarray, np.ndarray]:
     grid = np.arange(h * w, dtype=np.int64).reshape(h, w)
     src, dst = [], []
-    for dy, dx in pair_offsets(radius):
-        x0, x1 = max(0, -dx), min(w, w - dx)
-        src.append(grid[0 : h - dy, x0:x1].reshape(-1))
-        dst.append(grid[dy:h, x0 + dx : x1 + dx].reshape(-1))
+    for start, end in _pair_windows(h, w, radius):
+        src.append(grid[start].reshape(-1))
+        dst.append(grid[end].reshape(-1))
     empty = np.zeros(0, np.int64)
     return np.concatenate([empty, *src]), np.concatenate([empty, *dst])
 
@@ -75,14 +81,11 @@ def grid_pair_affinity(emb: torch.Tensor, radius: int) -> torch.Tensor:
     embedding in place, and its backward is a strided copy (values identical to float rounding).
     """
     n, _, h, w = emb.shape
-    f = emb.permute(0, 2, 3, 1)  # (N, h, w, D): the channel mean runs over contiguous memory
-    if not f.is_contiguous():
-        f = f.contiguous()
-    out = []
-    for dy, dx in pair_offsets(radius):
-        x0, x1 = max(0, -dx), min(w, w - dx)
-        diff = f[:, 0 : h - dy, x0:x1] - f[:, dy:h, x0 + dx : x1 + dx]
-        out.append(diff.abs().mean(-1).reshape(n, -1))
+    f = emb.permute(0, 2, 3, 1).contiguous()  # (N, h, w, D): the channel mean runs over contiguous memory
+    out = [
+        (f[(slice(None), *start)] - f[(slice(None), *end)]).abs().mean(-1).reshape(n, -1)
+        for start, end in _pair_windows(h, w, radius)
+    ]
     return torch.exp(-torch.cat(out, 1))
 
 
