@@ -249,7 +249,8 @@ class _SampledDots(torch.autograd.Function):
     """``out[r, j] = queries[r] . keys[index[r, j]]`` as a sampled dense-dense product through a CSR
     pattern: R x N dot products, neither an (R x pixels) product nor an (R, N, D) copy of the keys
     (on CPU ~8x faster than the product at ReCo's 256 x 512 per entity). Gradient to the queries
-    only, through the same pattern (a sparse x dense product)."""
+    only: ``sum_j grad[r, j] keys[index[r, j]]``, a weighted ``embedding_bag`` (2.7x the sparse x
+    dense product through the same pattern on CPU, same values to float rounding)."""
 
     @staticmethod
     def _pattern(index: torch.Tensor, num_keys: int, values: torch.Tensor) -> torch.Tensor:
@@ -271,8 +272,7 @@ class _SampledDots(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         keys, index = ctx.saved_tensors
-        pattern = _SampledDots._pattern(index, keys.shape[0], grad.reshape(-1).contiguous())
-        return pattern @ keys, None, None
+        return F.embedding_bag(index, keys, per_sample_weights=grad.contiguous(), mode="sum"), None, None
 
 
 def _negative_logits(
@@ -495,31 +495,35 @@ class _UnitRows(torch.autograd.Function):
     """``F.normalize(raw, dim=1)`` read at the given pixels of some images, as one (n_i, D) tensor
     of rows per image, and the norms of all pixels (B, H*W). Instead of the graph of
     normalise-then-select (a normalised copy of the whole output, then a full-size gradient per
-    selected image and several per term): a gather per image, and one full-size gradient."""
+    selected image and several per term): one channels-last copy of the output, whose pixel rows
+    are contiguous, a row gather per image, and one full-size gradient in the same layout, filled
+    by a row-wise ``index_add_`` (the pixels are distinct; an accumulating ``index_put_`` into the
+    channels-first map was 0.3 s of a 1 s loss at the paper's settings). The gradient goes back
+    channels-last (same shape, other strides)."""
 
     @staticmethod
     def forward(ctx, raw: torch.Tensor, images: list[int], pixels: list[torch.Tensor]):
         ctx.set_materialize_grads(False)
-        flat = raw.reshape(raw.shape[0], raw.shape[1], -1)
-        norms = flat.norm(dim=1)
+        b, d = raw.shape[:2]
+        pixel_rows = raw.permute(0, 2, 3, 1).contiguous().view(b, -1, d)  # free for a channels-last raw
+        norms = torch.linalg.vector_norm(pixel_rows, dim=2)
         units, row_norms = [], []
         for i, pix in zip(images, pixels):
             row_norms.append(norms[i].index_select(0, pix))
-            units.append(flat[i].T[pix].div_(row_norms[-1].clamp_min(_EPS)[:, None]))
-        ctx.images = images
-        ctx.save_for_backward(raw, norms, *pixels, *units, *row_norms)
+            units.append(pixel_rows[i].index_select(0, pix).div_(row_norms[-1].clamp_min(_EPS)[:, None]))
+        ctx.images, ctx.shape = images, raw.shape
+        ctx.save_for_backward(pixel_rows, norms, *pixels, *units, *row_norms)
         return (norms, *units)
 
     @staticmethod
     def backward(ctx, g_norms: torch.Tensor | None, *g_units: torch.Tensor | None):
-        raw, norms, *rest = ctx.saved_tensors
+        pixel_rows, norms, *rest = ctx.saved_tensors
         k = len(ctx.images)
         pixels, units, row_norms = rest[:k], rest[k : 2 * k], rest[2 * k :]
-        flat = raw.reshape(raw.shape[0], raw.shape[1], -1)
-        scale = None  # d|x|/dx = x / |x|, 0 at x = 0 (as torch's norm)
-        if g_norms is not None:
-            scale = (g_norms / norms).masked_fill(norms == 0, 0.0)
-        grad = flat * scale[:, None] if scale is not None else torch.zeros_like(flat)
+        if g_norms is not None:  # d|x|/dx = x / |x|, 0 at x = 0 (as torch's norm)
+            grad = pixel_rows * (g_norms / norms).masked_fill_(norms == 0, 0.0)[:, :, None]
+        else:
+            grad = torch.zeros_like(pixel_rows)
         for i, pix, unit, row_norm, g in zip(ctx.images, pixels, units, row_norms, g_units):
             if g is None:
                 continue
@@ -528,9 +532,9 @@ class _UnitRows(torch.autograd.Function):
             radial = rows.sum(1).masked_fill_(row_norm < _EPS, 0.0)
             torch.mul(unit, radial[:, None], out=rows)
             torch.sub(g, rows, out=rows).div_(row_norm.clamp_min(_EPS)[:, None])
-            grad[i].T.index_put_((pix,), rows, accumulate=True)
-        return grad.view_as(raw), None, None
-
+            grad[i].index_add_(0, pix, rows)
+        b, d, h, w = ctx.shape
+        return grad.view(b, h, w, d).permute(0, 3, 1, 2), None, None
 
 
 # ------------------------------------------------------------------------------------ the module
