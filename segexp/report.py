@@ -10,9 +10,10 @@ from ``metrics.json`` (pipeline: the report, flattened per stage: ``train/...``,
 it is counted and listed, never averaged.
 
 Jobs are grouped by the overrides that differ between them, except ``seed`` (``--by`` names the keys
-instead). ``--compare KEY[=BASELINE]`` adds, within each group of the other keys, the difference of
-every value of KEY to the baseline value and whether it is *beyond 2 std* (|Δ| > 2 × the larger of
-the two groups' std): the test each study's ``results.md`` applies.
+instead); where none differ (a one-row study), by the keys its ``multirun.yaml`` declares swept, so the
+row still says what it is. ``--compare KEY[=BASELINE]`` adds, within each group of the other keys, the
+difference of every value of KEY to the baseline value and whether it is *beyond 2 std* (|Δ| > 2 × the
+larger of the two groups' std): the test each study's ``results.md`` applies.
 
 Writes ``report.md``, ``report.csv`` and ``report.png`` (bars with std error bars) into ``--out``
 (default: the first DIR) and prints the Markdown.
@@ -154,6 +155,22 @@ def swept_keys(jobs: Sequence[Job], ignore: Sequence[str] = NON_GROUPING) -> lis
     for job in jobs:
         keys += [k for k in job.overrides if k not in keys]
     return [k for k in keys if not _ignored(k, ignore) and len({j.overrides.get(k) for j in jobs}) > 1]
+
+
+def declared_sweep_keys(roots: Sequence[Path], ignore: Sequence[str] = NON_GROUPING) -> list[str]:
+    """Keys the multiruns under ``roots`` declare as swept (each ``multirun.yaml``: the sweeper's
+    ``params`` and the command line's sweep overrides), even where the command line pinned one value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys: list[str] = []
+    for path in sorted(p for root in roots for p in Path(root).rglob("multirun.yaml")):
+        hydra_cfg = (yaml.safe_load(path.read_text()) or {}).get("hydra", {})
+        params = hydra_cfg.get("sweeper", {}).get("params") or {}
+        task = (hydra_cfg.get("overrides") or {}).get("task") or []
+        parsed = OverridesParser.create().parse_overrides(task)
+        swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
+        keys += [k for k in [*params, *swept] if k not in keys and not _ignored(k, ignore)]
+    return keys
 
 
 def group_jobs(jobs: Sequence[Job], by: Sequence[str] | None = None) -> tuple[list[str], list[Group]]:
@@ -331,6 +348,8 @@ def report(
         raise FileNotFoundError(
             f"{', '.join(map(str, dirs))}: no run found (no .hydra/overrides.yaml or pipeline_report.json)"
         )
+    if by is None and not swept_keys(jobs):  # one group: name it by what the multirun declared swept
+        by = [k for k in declared_sweep_keys([Path(d) for d in dirs]) if any(k in j.overrides for j in jobs)]
     keys, groups = group_jobs(jobs, by)
     names = select_metrics(groups, metrics)
     if metrics and not names:

@@ -371,8 +371,9 @@ def test_affinity_run_drops_cam_method_overrides_and_both_papers_settings_compos
     assert (psa_cfg.affinity.labels.la_alpha, psa_cfg.affinity.labels.ha_alpha) == (4.0, 32.0)
     assert "schedule.optimizer.lr=0.1" in psa_cfg.affinity.overrides and psa.name == "rw_psa"
     assert "schedule.optimizer.lr=0.1" not in seam_cfg.affinity.overrides
-    # train_aff.py's 8 epochs, not the experiment's own schedule.epochs (cam_shapes: 20) carried over
+    # train_aff.py's 8 epochs of batch 8, not the experiment's own (cam_shapes: 20, 16) carried over
     for cfg in (seam_cfg, psa_cfg):
         schedule = f"schedule={cfg.affinity.schedule}"
         run_cfg = compose(["+experiment=cam_shapes", schedule, *cfg.affinity.overrides])
         assert run_cfg.schedule.epochs == 8 and run_cfg.schedule.optimizer._target_ == "torch.optim.SGD"
+        assert run_cfg.data.batch_size == 8

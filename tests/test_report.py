@@ -117,6 +117,22 @@ def test_outputs_csv_markdown_and_chart(grid, tmp_path):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_one_row_study_is_named_by_the_keys_its_multirun_declared_swept(tmp_path):
+    sweep = tmp_path / "one_row"
+    for seed in (0, 1):
+        overrides = ["+experiment=study", "variant=er", f"seed={seed}", "paths.data_dir=/d"]
+        make_job(sweep, seed, overrides, {"x": seed})
+    hydra_cfg = {"sweeper": {"params": {"variant": "cam,er", "seed": "0,1,2"}},
+                 "overrides": {"task": ["+experiment=study", "variant=er", "seed=0,1", "lr=0.1,0.2"]}}
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": hydra_cfg}))
+    assert rp.declared_sweep_keys([sweep]) == ["variant", "lr"]  # seed is never a group key
+    text = rp.report([sweep], out=tmp_path / "out", plot=False)
+    assert text.startswith("| variant | n | x |") and "| er | 2 | 0.500 ± 0.707 |" in text
+    # without a multirun.yaml (single runs) there is nothing to name the row by
+    (sweep / "multirun.yaml").unlink()
+    assert rp.report([sweep], out=tmp_path / "out2", plot=False).startswith("| n | x |")
+
+
 def test_launch_order_is_numeric(tmp_path):
     sweep = tmp_path / "m"
     for num in (10, 2, 1):
