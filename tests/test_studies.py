@@ -49,6 +49,10 @@ STUDIES = {
         ["val/cam_best_mIoU", "val/cls_F1"],
         {"variant": ["cam", "er", "er_pcm", "er_pcm_ohem"]},
     ),
+    "study_seam_px128": (
+        ["val/cam_best_mIoU", "val/cls_F1"],
+        {"variant": ["cam", "er", "er_pcm", "er_pcm_ohem"]},
+    ),
     "study_fbr": (
         ["val/cam_best_mIoU", "testbed/cooc/circle/water/fp_rate/stuff_without_class"],
         {"variant": ["base", "fbr", "quirks"]},
@@ -74,7 +78,7 @@ PIPELINE_STUDIES = {
 }
 
 #: studies whose rows start from the miniature ImageNet (a CAM network trained on the default set)
-PRETRAINED = {"study_seam", "study_seam_pipeline", "study_fbr_seam"}
+PRETRAINED = {"study_seam", "study_seam_px128", "study_seam_pipeline", "study_fbr_seam"}
 
 
 def pretrained_backbone(study: str, data_dir, tmp_path) -> list[str]:
@@ -92,9 +96,11 @@ def sweep_params(study: str) -> dict[str, list[str]]:
     """The study's sweep as Hydra's own override parser reads it: key -> the values, as strings."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    params = yaml.safe_load((CONF_DIR / "experiment" / f"{study}.yaml").read_text())["hydra"]["sweeper"][
-        "params"
-    ]
+    node = yaml.safe_load((CONF_DIR / "experiment" / f"{study}.yaml").read_text())
+    while "hydra" not in node:  # a study that only changes its parent study's setting sweeps the parent's
+        parent = next(d for d in node["defaults"] if isinstance(d, str) and d.startswith("study_"))
+        node = yaml.safe_load((CONF_DIR / "experiment" / f"{parent}.yaml").read_text())
+    params = node["hydra"]["sweeper"]["params"]
     parser = OverridesParser.create()
     out = {}
     for key, value in params.items():
