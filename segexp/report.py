@@ -72,7 +72,18 @@ class Group:
         return out
 
     def label(self, short: dict[str, str]) -> str:
-        return ", ".join(f"{short[k]}={v}" for k, v in self.key) or "all"
+        return ", ".join(f"{short[k]}={shown(v)}" for k, v in self.key) or "all"
+
+
+def shown(value: str) -> str:
+    """An absolute path under the working directory as a relative one (a checkpoint swept as
+    ``backbone.pretrained``), so tables and chart labels stay readable; the CSV keeps the full value."""
+    if not value.startswith("/"):
+        return value
+    try:
+        return str(Path(value).relative_to(Path.cwd()))
+    except ValueError:
+        return value
 
 
 def parse_overrides(lines: Iterable[str]) -> dict[str, str]:
@@ -270,7 +281,8 @@ def markdown(keys, groups, metrics, comparisons, digits: int = 3) -> str:
         n = f"{len(g.done)}" + (f" (+{len(g.failed)} failed)" if g.failed else "")
         walls = [j.wall_s for j in g.done if j.wall_s is not None]
         wall = f"{statistics.fmean(walls):.0f}" if walls else "-"
-        row = [v for _, v in g.key] + [n] + [cell(g.values(m), len(g.done), digits) for m in metrics] + [wall]
+        cells = [cell(g.values(m), len(g.done), digits) for m in metrics]
+        row = [shown(v) for _, v in g.key] + [n] + cells + [wall]
         lines.append("| " + " | ".join(row) + " |")
     if comparisons:
         lines += ["", "| group | vs | metric | Δ mean | beyond 2 std |", "|---|---|---|---:|---|"]

@@ -212,3 +212,17 @@ def test_testbed_diagnostics_beside_metrics_are_metrics_too(tmp_path):
     fp_rates = group.values("testbed/cooc/circle/water/fp_rate/stuff_without_class")
     assert rp.mean_std(fp_rates)[0] == pytest.approx(0.3)
     assert not any(m.startswith("testbed/root") for m in group.done[0].metrics)
+
+
+def test_absolute_paths_under_the_working_directory_are_shown_relative(tmp_path, monkeypatch):
+    sweep = tmp_path / "m"
+    ckpt = tmp_path / "logs" / "pre" / "last.ckpt"
+    for num, value in enumerate(("null", str(ckpt))):
+        make_job(sweep, num, [f"backbone.pretrained={value}", "seed=0"], {"x": float(num)})
+    monkeypatch.chdir(tmp_path)
+    text = rp.report([sweep], out=tmp_path / "out", compare_spec="backbone.pretrained=null", plot=False)
+    assert "| logs/pre/last.ckpt | 1 |" in text
+    assert "| pretrained=logs/pre/last.ckpt | pretrained=null |" in text
+    assert str(tmp_path) not in text
+    rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
+    assert rows[1]["backbone.pretrained"] == str(ckpt)  # the CSV keeps the value as run
