@@ -11,7 +11,8 @@ Also the base of every image-level CAM method (SEAM, SC-CAM, ...): it owns
   the background-threshold curve (:class:`~segexp.metrics.cam.CAMThresholdCurve`; best threshold
   chosen on the evaluated split itself - optimistic, as in SEAM's ``--curve``); ``val/cls_F1`` is the
   classifier's micro-averaged multi-label F1 (logit > 0), so a CAM score can be read against how well
-  the network recognises the classes at all.
+  the network recognises the classes at all. The test loop logs the same as ``test/*``, so
+  ``segexp.eval split=val`` scores a checkpoint exactly as validation did.
 
 Normalisations (``cam_norm``): ``max`` = psa/AffinityNet ``infer_cls.py`` (ReLU per pass, sum,
 divide by max + 1e-5); ``minmax`` (SEAM's default) = a min-max normalisation as defined - the
@@ -120,8 +121,15 @@ class CAM(SegMethod):
         self.scales: tuple[float, ...] = tuple(float(s) for s in inference["scales"])
         self.flip: bool = bool(inference["flip"])
         self.resize_mode: str = str(inference["resize_mode"])
-        self.val_curve = CAMThresholdCurve(num_classes=self.num_classes, ignore_index=self.ignore_index)
-        self.val_cls_f1 = MultilabelF1Score(num_labels=self.num_classes - 1, average="micro", threshold=0.5)
+        # per evaluated split ("val", "test"): the background-threshold curve and the classifier's F1
+        self.curves = nn.ModuleDict({
+            split: CAMThresholdCurve(num_classes=self.num_classes, ignore_index=self.ignore_index)
+            for split in ("val", "test")
+        })
+        self.cls_f1 = nn.ModuleDict({
+            split: MultilabelF1Score(num_labels=self.num_classes - 1, average="micro", threshold=0.5)
+            for split in ("val", "test")
+        })
 
     # -- the network ----------------------------------------------------------------------------
     @property
@@ -182,26 +190,35 @@ class CAM(SegMethod):
 
     # -- evaluation: CAM mIoU (labels from the batch when present) + threshold curve ---------------
     def _eval_step(self, batch: dict[str, Any], cm) -> torch.Tensor:
+        split = "val" if cm is self.val_cm else "test"
         cams = self.single_scale_cams(batch["image"], batch.get("labels"))
         scores = self.scores_from_cams(cams)
         if "mask" in batch:
             cm.update(scores, batch["mask"])
-            if cm is self.val_cm:
-                self.val_curve.update(cams.float(), batch["mask"])
-        if cm is self.val_cm and "labels" in batch and self.has_classifier:  # fg_cams may not be the raw CAM
+            self.curves[split].update(cams.float(), batch["mask"])
+        if "labels" in batch and self.has_classifier:  # fg_cams may not be the raw CAM
             logits = self.fg_logits(self(batch["image"])["cam"])
-            self.val_cls_f1.update(torch.sigmoid(logits.float()), batch["labels"].long())
+            self.cls_f1[split].update(torch.sigmoid(logits.float()), batch["labels"].long())
         return scores
 
+    def _log_curve_and_f1(self, split: str) -> None:
+        curve, f1 = self.curves[split], self.cls_f1[split]
+        if curve.update_called:
+            result = curve.compute()
+            self.log(f"{split}/cam_best_mIoU", result["best_mIoU"], sync_dist=False)
+            self.log(f"{split}/cam_best_threshold", result["best_threshold"], sync_dist=False)
+        curve.reset()
+        if f1.update_called:
+            self.log(f"{split}/cls_F1", f1.compute(), sync_dist=False)  # torchmetrics syncs ranks
+        f1.reset()
+
     def on_validation_epoch_end(self) -> None:
-        result = self.val_curve.compute()
-        self.log("val/cam_best_mIoU", result["best_mIoU"], sync_dist=False)
-        self.log("val/cam_best_threshold", result["best_threshold"], sync_dist=False)
-        self.val_curve.reset()
-        if self.val_cls_f1.update_called:
-            self.log("val/cls_F1", self.val_cls_f1.compute(), sync_dist=False)  # torchmetrics syncs ranks
-        self.val_cls_f1.reset()
+        self._log_curve_and_f1("val")
         super().on_validation_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_curve_and_f1("test")
+        super().on_test_epoch_end()
 
 
 CAMMethod = CAM  # the name before 2026-12-02, which older checkpoints record
