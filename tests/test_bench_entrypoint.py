@@ -14,6 +14,15 @@ def test_options_of_one_named_benchmark_reach_it():
     assert "24x24" in proc.stdout
 
 
+def test_options_after_a_double_dash_reach_the_benchmark():
+    """The form the package docstring gives: ``segexp.bench NAME -- --opt value`` (argparse alone would
+    read everything after ``--`` as benchmark names)."""
+    proc = run_cli("segexp.bench", ["metrics", "--", "--num", "5", "--size", "20", "--batch", "3"], cwd=REPO)
+    assert_ok(proc)
+    assert "5 label maps" in proc.stdout
+    assert "20x20" in proc.stdout
+
+
 def test_options_with_several_benchmarks_are_refused():
     proc = run_cli("segexp.bench", ["metrics", "wsss", "--size", "24"], cwd=REPO)
     assert proc.returncode == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import sys
 import time
 
 import segexp.bench as package
@@ -20,7 +21,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {available()})")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    args, extra = parser.parse_known_args()
+    argv = sys.argv[1:]
+    own = argv.index("--") if "--" in argv else len(argv)  # after "--": the named benchmark's options only
+    args, extra = parser.parse_known_args(argv[:own])
+    extra += argv[own + 1 :]
     names = args.names or available()
     unknown = sorted(set(names) - set(available()))
     if unknown:
@@ -31,7 +35,7 @@ def main() -> None:
         module = importlib.import_module(f"segexp.bench.{name}")
         print(f"\n=== bench: {name} ===", flush=True)
         t0 = time.perf_counter()
-        module.main((["--quick"] if args.quick else []) + [a for a in extra if a != "--"])
+        module.main((["--quick"] if args.quick else []) + extra)
         print(f"=== {name}: {time.perf_counter() - t0:.1f} s ===", flush=True)
 
 
