@@ -14,8 +14,9 @@
   map; each includes the target lines), for the paper's loss settings (D = 128, eigh, ReCo 256 x
   512) and the CPU shapes run's.
 
-``python -m segexp.bench bottomup [--quick] [--only loss --setting paper --steps 5]``; ``main(argv)``
-prints and returns the numbers.
+``python -m segexp.bench bottomup [--quick] [--only loss --setting paper --steps 5]``; at the paper's
+resolution: ``-- --only loss --setting paper --size 512 --batch 2 --backbone paper --steps 2``
+(a fixed-size ReCo weighs less against a 512-px step). ``main(argv)`` prints and returns the numbers.
 """
 
 from __future__ import annotations
@@ -116,9 +117,18 @@ def bench_loss(batch: int, size: int, steps: int, setting: str, backbone: str = 
 
     cfg = SETTINGS[setting]
     torch.manual_seed(0)
-    net = BottomUpNet(
-        Backbone(backbone, out_indices=[1, 2, 3, 4]), embed_dim=cfg["embed_dim"], decoder_channels=64
-    ).train()
+    if backbone == "paper":  # the paper experiment's own network (ConvNeXt-B, RefineNet 256), one builder
+        import hydra
+
+        from segexp.pipeline.compose import compose
+
+        paper = compose(["+experiment=bottomup_coco_ade", "backbone.pretrained=false"])
+        net = hydra.utils.instantiate(paper.method.model).train()
+        backbone = f"{paper.backbone.name} (bottomup_coco_ade's network)"
+    else:
+        net = BottomUpNet(
+            Backbone(backbone, out_indices=[1, 2, 3, 4]), embed_dim=cfg["embed_dim"], decoder_channels=64
+        ).train()
     loss_fn = BottomUpLoss(weights=WEIGHTS, lines=cfg["lines"], contrast=cfg["contrast"])
     x = torch.randn(batch, 3, size, size)
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
@@ -168,14 +178,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", choices=["meanshift", "loss"], help="run one of the two parts")
     parser.add_argument("--setting", choices=list(SETTINGS), help="loss: one setting only")
     parser.add_argument("--steps", type=int, help="loss: alternating step pairs (default 3, quick 1)")
+    parser.add_argument("--size", type=int, help="loss: px (default 128, quick 64; the paper trains at 512)")
+    parser.add_argument("--batch", type=int, help="loss: images per step (default 8, quick 2)")
+    parser.add_argument("--backbone", default="resnet18",
+                        help="loss: timm name, or 'paper': bottomup_coco_ade's network")  # fmt: skip
     args = parser.parse_args(argv)
     batch, size, steps = (2, 64, 1) if args.quick else (8, 128, 3)
+    batch, size = args.batch or batch, args.size or size
     results = {}
     if args.only != "loss":
         results["meanshift"] = bench_meanshift(64 if args.quick else 128)
     if args.only != "meanshift":
         for setting in [args.setting] if args.setting else SETTINGS:
-            results[f"loss_{setting}"] = bench_loss(batch, size, args.steps or steps, setting)
+            results[f"loss_{setting}"] = bench_loss(batch, size, args.steps or steps, setting, args.backbone)
     for section, numbers in results.items():
         print(f"[{section}]")
         for k, v in numbers.items():
