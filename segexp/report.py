@@ -315,6 +315,15 @@ def csv_text(keys, groups, metrics) -> str:
     return buf.getvalue()
 
 
+def tick_label(label: str, width: int = 40) -> str:
+    """``label`` cut in the middle to ``width`` characters: a swept list or path as long as the chart
+    would squeeze the bars away (the table and CSV keep it whole); both ends tell such labels apart."""
+    if len(label) <= width:
+        return label
+    head = (width - 1) // 2
+    return label[:head] + "\u2026" + label[len(label) - (width - 1 - head) :]
+
+
 def bar_chart(path: Path, keys, groups, metrics) -> None:
     """One panel per metric, one bar per group, error bars = std over seeds."""
     import matplotlib
@@ -323,7 +332,7 @@ def bar_chart(path: Path, keys, groups, metrics) -> None:
     import matplotlib.pyplot as plt
 
     short = short_names(keys)
-    labels = [g.label(short) for g in groups]
+    labels = [tick_label(g.label(short)) for g in groups]
     fig, axes = plt.subplots(
         1, len(metrics), figsize=(max(4.0, 0.5 * len(groups) + 2) * len(metrics), 4), squeeze=False
     )

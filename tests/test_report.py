@@ -226,3 +226,22 @@ def test_absolute_paths_under_the_working_directory_are_shown_relative(tmp_path,
     assert str(tmp_path) not in text
     rows = list(csv.DictReader((tmp_path / "out" / "report.csv").open()))
     assert rows[1]["backbone.pretrained"] == str(ckpt)  # the CSV keeps the value as run
+
+
+def test_chart_of_long_swept_values_lays_out_without_warnings(tmp_path):
+    """A swept transform list is ~100 characters: its tick label is cut in the middle (both ends kept),
+    so matplotlib's tight_layout still fits; the table keeps the value whole."""
+    import warnings
+
+    sweep = tmp_path / "m"
+    resize = "_target_:albumentations.Resize,height:{0},width:{0},interpolation:1,mask_interpolation:0"
+    values = ["[{" + resize.format(s) + "}]" for s in (128, 64)]
+    for num, value in enumerate(values):
+        make_job(sweep, num, [f"data.transforms.eval={value}", "seed=0"], {"x": float(num)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tight_layout's "not compatible" warning fails the test
+        text = rp.report([sweep], out=tmp_path / "out", metrics=["x"])
+    assert values[0] in text
+    short = rp.tick_label(values[1])
+    assert len(short) == 40 and short.startswith("[{_target_") and short.endswith("interpolation:0}]")
+    assert rp.tick_label("cam") == "cam"
