@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -246,7 +247,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         OmegaConf.save(cfg, out / "config.yaml", resolve=False)
     loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
     # Lightning names test-loop metrics test/*; they are renamed after the split actually evaluated.
-    trainer.test(method, dataloaders=loader, ckpt_path=str(ckpt))
+    with warnings.catch_warnings():
+        # the checkpoint holds the training run's callback states (ModelCheckpoint, EarlyStopping...);
+        # an evaluation restores only the weights, so Lightning's advice to add those callbacks is noise
+        warnings.filterwarnings("ignore", message="Be aware that when using `ckpt_path`")
+        trainer.test(method, dataloaders=loader, ckpt_path=str(ckpt))
     tested = _scalars(trainer.callback_metrics, "test/")
     metrics = {f"{split}/{k[len('test/'):]}": v for k, v in tested.items()}
     if trainer.is_global_zero:

@@ -74,6 +74,7 @@ def test_eval_writes_metrics_table_dumps_and_runs_tta(trained_run, data_dir, tmp
         cwd=REPO,
     )
     assert_ok(proc)
+    assert "Be aware that when using `ckpt_path`" not in proc.stderr  # callback states: not an eval's concern
     # the training run tested this same (best) checkpoint on the same split: identical numbers
     assert read_metrics(tmp_path)["test/mIoU"] == pytest.approx(read_metrics(run_dir)["test/mIoU"], abs=1e-6)
     assert (tmp_path / "per_class.md").read_text().count("|") > 10
