@@ -301,3 +301,16 @@ def test_a_segexp_checkpoint_initialises_another_experiments_backbone(tmp_path):
     loaded = target.model.backbone.body
     assert torch.equal(loaded.stem.conv.weight, body.stem.conv.weight)
     assert torch.equal(loaded.stages_2[1].bn.running_var, body.stages_2[1].bn.running_var)
+
+
+def test_a_segexp_checkpoint_without_its_prefix_names_the_prefix_to_set(tmp_path):
+    """Without ``weights_prefix`` no key of a Lightning checkpoint matches: the error says which to set."""
+    import hydra
+
+    from tests.conftest import compose
+
+    source = hydra.utils.instantiate(compose(["+experiment=cam_shapes"]).method)
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": source.state_dict()}, path)
+    with pytest.raises(Exception, match=r"set backbone\.weights_prefix=model\.backbone\.body\."):
+        hydra.utils.instantiate(compose(["+experiment=cam_shapes", f"backbone.pretrained={path}"]).method)

@@ -36,6 +36,22 @@ class WeightsReport(NamedTuple):
     unexpected: list[str]
 
 
+def _prefix_that_matches(state_dict: dict[str, Any], target: dict[str, Any]) -> str | None:
+    """The key prefix under which most of a file's keys name this model's parameters (a Lightning
+    checkpoint of another segexp run keeps the backbone under ``model.backbone.body.``), so the error
+    can say which ``weights_prefix`` to set; None when no prefix makes half of the model's keys match."""
+    counts: dict[str, int] = {}
+    for key in state_dict:
+        parts = key.split(".")
+        for cut in range(1, len(parts)):
+            if ".".join(parts[cut:]) in target:
+                prefix = ".".join(parts[:cut]) + "."
+                counts[prefix] = counts.get(prefix, 0) + 1
+                break
+    best = max(counts, key=counts.get, default=None)
+    return best if best is not None and counts[best] >= len(target) / 2 else None
+
+
 def _checkpoint_key_candidates(key: str) -> tuple[str, ...]:
     # timm's feature wrappers rename a few modules: FeatureListNet flattens the first level of
     # nn.Sequential children ('stages.0' -> 'stages_0', 'stem.0' -> 'stem_0') and FeatureGetterNet
@@ -102,9 +118,15 @@ def load_backbone_weights(
     if mismatched:
         raise RuntimeError(f"shape mismatch loading {path}:\n  " + "\n  ".join(mismatched))
     if not mapped:
+        prefix_hint = _prefix_that_matches(state_dict, target)
+        hint = (
+            f"its keys match under the prefix {prefix_hint!r}: set backbone.weights_prefix={prefix_hint}"
+            if prefix_hint
+            else "is it a checkpoint of this architecture, or does it need weights_prefix?"
+        )
         raise RuntimeError(
             f"none of the {len(state_dict)} keys in {path} match the model (first: {list(state_dict)[:3]}); "
-            "is it a checkpoint of this architecture, or does it need weights_prefix?"
+            + hint
         )
     # BatchNorm step counters are absent from older checkpoints and carry no learned state.
     missing = [k for k in target if k not in mapped and not k.endswith("num_batches_tracked")]
