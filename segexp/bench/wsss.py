@@ -61,8 +61,8 @@ def bench_cam_export(size: int, n: int) -> dict:
 def bench_crf(size: int, n: int) -> dict:
     jobs = [(seed, size) for seed in range(n)]
     out = {"size": size, "images": n, "labels": 21}
-    # Both figures through a spawn pool (the stage's way), one image per task: with
-    # map's default chunks of 3, one worker may still have 3 images left when the other is done.
+    # Both figures through a spawn pool (the stage's way), one image per task: with map's default
+    # chunks (n / 8), one worker may still have a whole chunk left when the other is done.
     for procs in (1, 2):
         with multiprocessing.get_context("spawn").Pool(procs) as pool:
             pool.map(_crf_job, jobs[:procs], chunksize=1)  # start-up not timed
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "threads": torch.get_num_threads(),
         "cam_export": bench_cam_export(size, n),
-        "crf": bench_crf(size, 4 * n),  # 40 images: a short run mostly measures its last, unshared image
+        "crf": bench_crf(size, 4 * n),  # 40 images: the last image, one worker alone, weighs 1/40
         "random_walk": bench_rw(max(size, 320) if not args.quick else size, n),
         "random_walk_vs_dense": bench_rw_methods(*((120, 160) if args.quick else (375, 500))),
     }

@@ -37,14 +37,15 @@ class WeightsReport(NamedTuple):
 
 
 def _prefix_that_matches(state_dict: dict[str, Any], target: dict[str, Any]) -> str | None:
-    """The key prefix under which most of a file's keys name this model's parameters (a Lightning
-    checkpoint of another segexp run keeps the backbone under ``model.backbone.body.``), so the error
-    can say which ``weights_prefix`` to set; None when no prefix makes half of the model's keys match."""
+    """The key prefix under which most of a file's keys name this model's parameters (matched as the
+    loader matches them; a Lightning checkpoint of another segexp run keeps the backbone under
+    ``model.backbone.body.``), so the error can say which ``weights_prefix`` to set; None when no
+    prefix makes half of the model's keys match."""
     counts: dict[str, int] = {}
     for key in state_dict:
         parts = key.split(".")
         for cut in range(1, len(parts)):
-            if ".".join(parts[cut:]) in target:
+            if any(c in target for c in _checkpoint_key_candidates(".".join(parts[cut:]))):
                 prefix = ".".join(parts[:cut]) + "."
                 counts[prefix] = counts.get(prefix, 0) + 1
                 break
