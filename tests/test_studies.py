@@ -45,6 +45,10 @@ STUDIES = {
         ["test/mIoU"],
         {"variant": ["box_rect", "gc_only", "full", "no_att", "no_aff", "no_pretrain"]},
     ),
+    "study_box2seg_fullsup": (
+        ["test/mIoU"],
+        {"missing_rate": ["0.0", "0.3"], "variant": ["ce", "att"]},
+    ),
     "study_seam": (
         ["val/cam_best_mIoU", "val/cls_F1"],
         {"variant": ["cam", "er", "er_pcm", "er_pcm_ohem"]},
