@@ -55,9 +55,10 @@ def test_selection_is_per_object_and_fixed_by_seed_id_and_index(voc):
             s = wrapped[i]
             expected = [k for k in (1, 2) if id_uniform(seed, f"{image_id}/{k}") < 0.5]
             assert s["meta"]["erased_objects"] == expected
-            assert s["meta"]["erased_objects"] == MissingObjects(reader, rate=0.5, seed=seed)[i]["meta"][
-                "erased_objects"
-            ]
+            assert (
+                s["meta"]["erased_objects"]
+                == MissingObjects(reader, rate=0.5, seed=seed)[i]["meta"]["erased_objects"]
+            )
             np.testing.assert_array_equal(s["boxes"], truth[image_id]["boxes"])  # boxes stay complete
             np.testing.assert_array_equal(s["image"], reader[i]["image"])
 

@@ -26,7 +26,9 @@ from segexp.data.pseudo_labels import ReaderWrapper
 __all__ = ["MissingObjects", "erase_objects"]
 
 
-def erase_objects(mask: np.ndarray, instances: np.ndarray, erase: list[int], ignore_index: int = 255) -> np.ndarray:
+def erase_objects(
+    mask: np.ndarray, instances: np.ndarray, erase: list[int], ignore_index: int = 255
+) -> np.ndarray:
     """``mask`` with the objects ``erase`` (ids in ``instances``) turned into background.
 
     A void pixel goes with the object nearest to it (Euclidean, over instance pixels): the band
