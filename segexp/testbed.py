@@ -14,7 +14,8 @@ diagnostics say whether it did, for any trained image-level run (cam, seam, scca
 
 Everything is read from the generated root's files (VOC JPEG/PNG, COCO panoptic for the stuff kinds,
 COCO instances ``attributes.badge`` for the badges). ``--root`` diagnoses a run on another root, e.g.
-a model trained without the mechanism on the co-occurrence set. The report is printed and written to
+a model trained without the mechanism on the co-occurrence set; ``--ckpt init`` reads the network the
+run started from (e.g. whether sub-types cluster before any training). The report is printed and written to
 ``RUN_DIR/testbed_diagnostics.json``.
 """
 
@@ -71,7 +72,18 @@ def _load_run(run_dir: Path, which: str):
     cfg = OmegaConf.load(config)
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     root = Path(OmegaConf.select(cfg, "data.prepare.root", throw_on_resolution_failure=True))
+    if which == "init":
+        return _initial_method(method_cfg, int(cfg.seed)), root
     return load_method(_checkpoint(run_dir, which), method_cfg), root
+
+
+def _initial_method(method_cfg: dict[str, Any], seed: int):
+    """The network a run starts from: its config instantiated under its seed - the random init, or
+    the weights of ``backbone.pretrained`` - so a probe can be read before and after training."""
+    import hydra
+
+    pl.seed_everything(seed, verbose=False)
+    return hydra.utils.instantiate(method_cfg).eval()
 
 
 class _Root:
@@ -219,7 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     d = sub.add_parser("diagnose", help="mechanism diagnostics of a trained image-level run")
     d.add_argument("run_dir", type=Path, help="a segexp.train run directory (config.yaml + checkpoints/)")
     d.add_argument("--root", type=Path, help="another generated root to diagnose on (default: the run's)")
-    d.add_argument("--ckpt", default="last", help="last | best | a checkpoint path")
+    d.add_argument("--ckpt", default="last",
+                   help="last | best | a checkpoint path | init (the network before training: the run's "
+                        "config under its seed, pretrained weights included)")  # fmt: skip
     d.add_argument("--max-images", type=int, help="per split (default: all)")
     args = parser.parse_args(argv)
     try:

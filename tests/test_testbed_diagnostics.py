@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import assert_ok, run_cli
 
 from segexp.metrics.testbed import CoocDiagnostics, PartDiagnostics, purity
@@ -106,4 +107,12 @@ def test_diagnose_a_trained_run(tmp_path, testbed):
         parts = report["parts"]
         assert 0.05 < parts["badge_share_of_object_area"] < 0.35
         assert parts["k"] == 3 and parts["subtype_purity"] >= parts["subtype_purity_one_cluster"]
+        # --ckpt init: the network the run started from (its seed's random init), reproducibly
+        from segexp.testbed import _load_run
+
+        start, again, trained = (_load_run(run_dir, w)[0].state_dict() for w in ("init", "init", "last"))
+        key = next(k for k in start if k.endswith("weight") and start[k].dim() == 4)
+        assert torch.equal(start[key], again[key]) and not torch.equal(start[key], trained[key])
+        assert main(["diagnose", str(run_dir), "--ckpt", "init", "--max-images", "6"]) == 0
+        assert json.loads((run_dir / "testbed_diagnostics.json").read_text())["ckpt"] == "init"
     assert main(["diagnose", str(tmp_path / "nowhere")]) == 2
