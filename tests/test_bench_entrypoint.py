@@ -88,3 +88,16 @@ def test_methods_bench_reference_is_the_plain_loss_of_the_same_network(tmp_path)
             assert plain.item() == pytest.approx(full.item())
         else:  # SEAM's loss has more terms than the plain one
             assert len(method.compute_losses(batch)) > 1
+
+
+def test_bench_crops_keep_the_papers_view_proportions():
+    """PPC's second view is 128 px of a 448-px crop: a benchmark at 128 px times a 37-px view, not a
+    second full-size forward; at the paper's crop the setting is the paper's."""
+    from segexp.bench.gpu import paper_setting
+
+    cfg, size, _ = paper_setting("fbr_ppc", quick=False)
+    assert (size, cfg.method.view_size) == (448, 128)
+    cfg, size, _ = paper_setting("fbr_ppc", quick=True, size=128)
+    assert (size, cfg.method.view_size) == (128, 37)
+    cfg, size, _ = paper_setting("fbr_ppc", quick=True)
+    assert (size, cfg.method.view_size) == (64, 18)

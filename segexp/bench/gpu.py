@@ -56,14 +56,28 @@ QUICK_SIZE, QUICK_BATCH = 64, 2
 CLASS_KEYS = ("num_classes", "class_names", "ignore_index")  # the paper config takes the testbed's
 
 
-def paper_setting(method: str, quick: bool) -> tuple[Any, int, int]:
-    """The paper experiment's composed config, its crop size and batch (``--quick``: small)."""
+#: method settings in pixels of the paper's crop (PPC's second view: 128 of a 448 crop)
+CROP_PIXEL_KEYS = ("method.view_size",)
+
+
+def paper_setting(method: str, quick: bool, size: int | None = None) -> tuple[Any, int, int]:
+    """The paper experiment's composed config, its crop size and batch (``--quick``: small; ``size``:
+    this crop). At a crop other than the paper's, its pixel settings (``CROP_PIXEL_KEYS``) are scaled
+    with the crop: unscaled, PPC's 128-px second view is as large as a 128-px first view, and a small
+    CPU crop would time two full forwards where the paper has one and a 8 % one."""
+    from omegaconf import OmegaConf
+
     from segexp.pipeline.compose import compose
 
     paper, _ = METHODS[method]
     cfg = compose([f"+experiment={paper}", "backbone.pretrained=false"])
-    size, batch = int(cfg.data.image_size), int(cfg.data.batch_size)
-    return cfg, (QUICK_SIZE if quick else size), (QUICK_BATCH if quick else batch)
+    crop, batch = int(cfg.data.image_size), int(cfg.data.batch_size)
+    size = size or (QUICK_SIZE if quick else crop)
+    for key in CROP_PIXEL_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            OmegaConf.update(cfg, key, max(8, round(int(value) * size / crop)))
+    return cfg, size, (QUICK_BATCH if quick else batch)
 
 
 def testbed_batch(paper_cfg: Any, method: str, size: int, batch: int, data_dir: Path) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def paired_seconds(steps: dict[str, Any], warmup: int, rounds: int) -> dict[str,
 def measure(name: str, args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
-    cfg, _, _ = paper_setting(name, quick=True)
+    cfg, _, _ = paper_setting(name, quick=True, size=args.size)
     batch = testbed_batch(cfg, name, args.size, args.batch, data_dir)
     device = torch.device("cpu")
     torch.manual_seed(0)
