@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from segexp.metrics.semantic import ConfusionMatrix, confusion_matrix, iou_from_confusion, per_class_table
+from segexp.metrics.semantic import (
+    ConfusionMatrix,
+    confusion_matrix,
+    foreground_scores,
+    iou_from_confusion,
+    per_class_table,
+)
 
 # GT / prediction pairs (t, p): (0,0) (0,1) (1,1) (1,1) (2,2) (2,0) and one ignored pixel.
 TARGET = torch.tensor([[[0, 0, 1, 1], [2, 2, 255, 255]]])
@@ -29,7 +35,18 @@ def test_metric_scores_hand_computed():
     assert r["mIoU"] == pytest.approx(0.5)
     assert r["pixel_acc"] == pytest.approx(4 / 6)
     assert r["mean_acc"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+    # object = classes 1 and 2: 3 of the 4 object-predicted pixels are object, 3 of the 4 object pixels found
+    assert (r["fg_precision"], r["fg_recall"]) == (pytest.approx(3 / 4), pytest.approx(3 / 4))
     assert m.confmat.dtype == torch.int64
+
+
+def test_foreground_scores_are_class_agnostic():
+    """Object predicted as another object class is still object; missed object lowers recall only."""
+    cm = torch.tensor([[5, 0, 0], [1, 3, 2], [0, 0, 4]])
+    assert foreground_scores(cm) == {"fg_precision": 1.0, "fg_recall": 0.9}
+    over = torch.tensor([[3, 2, 0], [0, 6, 0], [0, 0, 4]])  # background predicted as object
+    assert foreground_scores(over) == {"fg_precision": 10 / 12, "fg_recall": 1.0}
+    assert math.isnan(foreground_scores(torch.tensor([[4, 0], [0, 0]]))["fg_recall"])
 
 
 def test_ignore_pixels_do_not_count():

@@ -20,7 +20,7 @@ import torch
 from torchmetrics import Metric
 
 __all__ = ["ConfusionMatrix", "confusion_matrix", "iou_from_confusion", "scores_from_confusion",
-           "per_class_table"]
+           "foreground_scores", "per_class_table"]
 
 
 def _as_labels(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -93,6 +93,18 @@ def scores_from_confusion(cm: torch.Tensor) -> dict[str, torch.Tensor | float]:
     }
 
 
+def foreground_scores(cm: torch.Tensor) -> dict[str, float]:
+    """Class-agnostic ``fg_precision`` / ``fg_recall`` (class 0 = background, every other class =
+    object): whether a model over- or under-segments, which mIoU alone does not say. Pixels of one
+    object class predicted as another count as object on both sides."""
+    cmd = cm.double()
+    hit, predicted, actual = cmd[1:, 1:].sum(), cmd[:, 1:].sum(), cmd[1:, :].sum()
+    return {
+        "fg_precision": float(hit / predicted) if predicted > 0 else float("nan"),
+        "fg_recall": float(hit / actual) if actual > 0 else float("nan"),
+    }
+
+
 class ConfusionMatrix(Metric):
     """Accumulated confusion matrix; ``compute()`` returns :func:`scores_from_confusion`.
 
@@ -116,7 +128,8 @@ class ConfusionMatrix(Metric):
                                          self.ignore_index).to(self.confmat.device)
 
     def compute(self) -> dict[str, torch.Tensor | float]:
-        return scores_from_confusion(self.confmat)
+        """:func:`scores_from_confusion` and :func:`foreground_scores` of the (rank-summed) matrix."""
+        return {**scores_from_confusion(self.confmat), **foreground_scores(self.confmat)}
 
 
 def per_class_table(result: dict, class_names: list[str] | None = None, digits: int = 2) -> str:
