@@ -37,15 +37,16 @@ def test_metric_scores_hand_computed():
     assert r["mean_acc"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
     # object = classes 1 and 2: 3 of the 4 object-predicted pixels are object, 3 of the 4 object pixels found
     assert (r["fg_precision"], r["fg_recall"]) == (pytest.approx(3 / 4), pytest.approx(3 / 4))
+    assert r["fg_class_acc"] == 1.0  # no object pixel took another object's class
     assert m.confmat.dtype == torch.int64
 
 
 def test_foreground_scores_are_class_agnostic():
     """Object predicted as another object class is still object; missed object lowers recall only."""
     cm = torch.tensor([[5, 0, 0], [1, 3, 2], [0, 0, 4]])
-    assert foreground_scores(cm) == {"fg_precision": 1.0, "fg_recall": 0.9}
+    assert foreground_scores(cm) == {"fg_precision": 1.0, "fg_recall": 0.9, "fg_class_acc": 7 / 9}
     over = torch.tensor([[3, 2, 0], [0, 6, 0], [0, 0, 4]])  # background predicted as object
-    assert foreground_scores(over) == {"fg_precision": 10 / 12, "fg_recall": 1.0}
+    assert foreground_scores(over) == {"fg_precision": 10 / 12, "fg_recall": 1.0, "fg_class_acc": 1.0}
     assert math.isnan(foreground_scores(torch.tensor([[4, 0], [0, 0]]))["fg_recall"])
 
 

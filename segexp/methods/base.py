@@ -144,7 +144,7 @@ class SegMethod(pl.LightningModule):
         self.log(f"{prefix}/mIoU", result["mIoU"], sync_dist=False)
         self.log(f"{prefix}/pixel_acc", result["pixel_acc"], sync_dist=False)
         if self.class_names and self.class_names[0] == "background":  # class-agnostic over/under-segmentation
-            for key in ("fg_precision", "fg_recall"):
+            for key in ("fg_precision", "fg_recall", "fg_class_acc"):
                 if result[key] == result[key]:  # not NaN
                     self.log(f"{prefix}/{key}", result[key], sync_dist=False)
         for name, iou in zip(self.class_names, result["iou"].tolist()):

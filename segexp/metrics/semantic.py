@@ -94,14 +94,17 @@ def scores_from_confusion(cm: torch.Tensor) -> dict[str, torch.Tensor | float]:
 
 
 def foreground_scores(cm: torch.Tensor) -> dict[str, float]:
-    """Class-agnostic ``fg_precision`` / ``fg_recall`` (class 0 = background, every other class =
-    object): whether a model over- or under-segments, which mIoU alone does not say. Pixels of one
-    object class predicted as another count as object on both sides."""
+    """Where a model's errors lie, which mIoU alone does not say (class 0 = background, every other
+    class = object): ``fg_precision`` / ``fg_recall`` are class-agnostic (over- or under-segmentation;
+    an object pixel given another object class counts as object on both sides), ``fg_class_acc`` is
+    the share of the object pixels found as object that get their own class (confusion between
+    object classes)."""
     cmd = cm.double()
     hit, predicted, actual = cmd[1:, 1:].sum(), cmd[:, 1:].sum(), cmd[1:, :].sum()
     return {
         "fg_precision": float(hit / predicted) if predicted > 0 else float("nan"),
         "fg_recall": float(hit / actual) if actual > 0 else float("nan"),
+        "fg_class_acc": float(cmd[1:, 1:].diagonal().sum() / hit) if hit > 0 else float("nan"),
     }
 
 
