@@ -47,7 +47,7 @@ STUDIES = {
     ),
     "study_box2seg_fullsup": (
         ["test/mIoU"],
-        {"missing_rate": ["0.0", "0.05", "0.3"], "variant": ["ce", "att"]},
+        {"missing_rate": ["0.0", "0.05", "0.3"], "variant": ["ce", "att_no_bg"]},
     ),
     "study_seam": (
         ["val/cam_best_mIoU", "val/cls_F1"],
