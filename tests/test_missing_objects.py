@@ -80,3 +80,23 @@ def test_a_reader_without_instances_is_refused():
 
     with pytest.raises(ValueError, match="read_instances"):
         MissingObjects(NoInstances(), rate=0.1)
+
+
+def test_the_study_erases_training_objects_only(data_dir, tmp_path):
+    """study_box2seg_fullsup at rate 1: every training mask is background only, the val masks keep their
+    objects, and the boxes of every training image are still there (the attention loss needs them)."""
+    import hydra
+
+    from tests.conftest import SMALL_SYNTH, compose
+
+    cfg = compose(["+experiment=study_box2seg_fullsup", "hydra.mode=RUN", "missing_rate=1.0", *SMALL_SYNTH,
+                   f"paths.data_dir={data_dir}", "data.num_workers=0"], out_dir=tmp_path)  # fmt: skip
+    dm = hydra.utils.instantiate(cfg.data, train_keys=list(cfg.method.train_keys), eval_keys=["image", "mask"])
+    dm.prepare_data()
+    dm.setup("fit")
+    train, val = dm.datasets["train"].reader, dm.datasets["val"].reader
+    assert isinstance(train, MissingObjects) and not isinstance(val, MissingObjects)
+    for i in range(len(train)):
+        s = train[i]
+        assert not ((s["mask"] > 0) & (s["mask"] < 255)).any() and len(s["boxes"]) > 0
+    assert any(((val[i]["mask"] > 0) & (val[i]["mask"] < 255)).any() for i in range(len(val)))
