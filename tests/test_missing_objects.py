@@ -91,7 +91,8 @@ def test_the_study_erases_training_objects_only(data_dir, tmp_path):
 
     cfg = compose(["+experiment=study_box2seg_fullsup", "hydra.mode=RUN", "missing_rate=1.0", *SMALL_SYNTH,
                    f"paths.data_dir={data_dir}", "data.num_workers=0"], out_dir=tmp_path)  # fmt: skip
-    dm = hydra.utils.instantiate(cfg.data, train_keys=list(cfg.method.train_keys), eval_keys=["image", "mask"])
+    keys = list(cfg.method.train_keys)
+    dm = hydra.utils.instantiate(cfg.data, train_keys=keys, eval_keys=["image", "mask"])
     dm.prepare_data()
     dm.setup("fit")
     train, val = dm.datasets["train"].reader, dm.datasets["val"].reader
