@@ -22,8 +22,13 @@ from scipy import ndimage
 
 from segexp.data.label_noise import id_uniform
 from segexp.data.pseudo_labels import ReaderWrapper
+from segexp.utils.errors import UserError
 
-__all__ = ["MissingObjects", "erase_objects"]
+__all__ = ["MissingObjects", "MissingObjectsError", "erase_objects"]
+
+
+class MissingObjectsError(UserError, ValueError):
+    """A misconfigured ``MissingObjects`` entry of ``data.train_wrappers`` (printed in one line)."""
 
 
 def erase_objects(
@@ -60,11 +65,14 @@ class MissingObjects(ReaderWrapper):
     def __init__(self, reader: Any, rate: float = 0.1, seed: int = 0, key: str = "mask",
                  ignore_index: int = 255):  # fmt: skip
         if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"MissingObjects rate must be in [0, 1] (a probability per object), got {rate}")
+            raise MissingObjectsError(
+                f"data.train_wrappers: MissingObjects rate={rate} (missing_rate in study_box2seg_fullsup) "
+                "is a probability per object; set it in [0, 1]"
+            )
         if not hasattr(reader, "read_instances"):
-            raise ValueError(
-                f"MissingObjects needs instance masks to erase objects, but {type(reader).__name__} has no "
-                f"read_instances; use a VOC-layout dataset (data=shapes, voc, voc_boxes)"
+            raise MissingObjectsError(
+                f"data.train_wrappers: MissingObjects needs instance masks, but {type(reader).__name__} has "
+                "no read_instances; use a VOC-layout dataset (data=shapes, voc, voc_boxes)"
             )
         self.reader = reader
         self.rate = float(rate)
