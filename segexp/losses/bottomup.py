@@ -15,6 +15,10 @@ Terms (equations as reconstructed in ``shared/methods/bottomup.md`` §4; choices
   normalising by the pair count made the term ineffective for many segments; N is the reading
   that "balances few and many entities"), ``pairs`` (N(N+1), or N(N-1) without background) or
   ``groups`` (N + 1 with background).
+* ``line_distance`` (Eq. 2, whose form is stripped from the seed: "abs vs square" in
+  ``shared/methods/bottomup.md`` s.10): ``abs`` (default) uses ``|mu . f|`` in La and Lr as above;
+  ``squared`` uses ``(mu . f)^2`` (La = mean sin^2, Lr = mean cos^2), whose pull vanishes near
+  orthogonal lines - a weaker attraction early in training.
 * ``contrast``: ReCo regional contrast (Liu et al., ICLR'22) with entities as classes. *Choice*
   for the projective space: the positive key is the target line ``mu_k`` (a signed mean can cancel
   out), hard queries are pixels with ``|mu_k . f| < strong_threshold``, negatives are pixels of
@@ -196,16 +200,30 @@ def group_mean(values: torch.Tensor, labels: torch.Tensor, num_groups: int) -> t
     return sums / counts.view(-1, *([1] * (values.dim() - 1)))
 
 
-def attraction_loss(features: torch.Tensor, lines: torch.Tensor, groups: EntityGroups) -> torch.Tensor:
-    """Eq. 5 for one image: mean over entities of mean_{p in S_k} (1 - |mu_k . f_p|)."""
+LINE_DISTANCES = ("abs", "squared")
+
+
+def line_similarity(dots: torch.Tensor, form: str = "abs") -> torch.Tensor:
+    """Similarity of lines from their unit dot products (Eq. 2): ``|dots|`` or ``dots^2``."""
+    if form == "abs":
+        return dots.abs()
+    if form == "squared":
+        return dots.square()
+    raise ValueError(f"loss.line_distance={form!r}: choose one of {list(LINE_DISTANCES)}")
+
+
+def attraction_loss(
+    features: torch.Tensor, lines: torch.Tensor, groups: EntityGroups, form: str = "abs"
+) -> torch.Tensor:
+    """Eq. 5 for one image: mean over entities of mean_{p in S_k} (1 - sim(mu_k, f_p))."""
     if groups.num_entities == 0:
         return features.sum() * 0.0
-    return _attraction((features @ lines.T).abs(), groups.labels, groups.num_entities)
+    return _attraction(line_similarity(features @ lines.T, form), groups.labels, groups.num_entities)
 
 
-def _attraction(abs_dots: torch.Tensor, labels: torch.Tensor, num_entities: int) -> torch.Tensor:
-    """Eq. 5 from ``|f_p . mu_g|`` (n, G) of every pixel and line."""
-    own = abs_dots.gather(1, labels[:, None]).squeeze(1)
+def _attraction(similarity: torch.Tensor, labels: torch.Tensor, num_entities: int) -> torch.Tensor:
+    """Eq. 5 from the line similarity (n, G) of every pixel and line."""
+    own = similarity.gather(1, labels[:, None]).squeeze(1)
     return group_mean(1.0 - own, labels, num_entities + 1)[1:].mean()
 
 
@@ -221,23 +239,27 @@ def repulsion_normaliser(num_entities: int, has_background: bool, mode: str) -> 
 
 
 def repulsion_loss(
-    features: torch.Tensor, lines: torch.Tensor, groups: EntityGroups, norm: str = "entities"
+    features: torch.Tensor,
+    lines: torch.Tensor,
+    groups: EntityGroups,
+    norm: str = "entities",
+    form: str = "abs",
 ) -> torch.Tensor:
     """Eq. 6 for one image: every group's pixels pushed orthogonal to every *other* group's line
     (background pixels to all entity lines, entity pixels to the background line too)."""
-    return _repulsion((features @ lines.T).abs(), groups, norm)
+    return _repulsion(line_similarity(features @ lines.T, form), groups, norm)
 
 
 def _repulsion(
-    abs_dots: torch.Tensor, groups: EntityGroups, norm: str, labels: torch.Tensor | None = None
+    similarity: torch.Tensor, groups: EntityGroups, norm: str, labels: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Eq. 6 from ``|f_p . mu_g|`` (n, G); ``labels``: the rows' groups when not ``groups.labels``."""
+    """Eq. 6 from the line similarity (n, G); ``labels``: the rows' groups when not ``groups.labels``."""
     n_groups = groups.num_entities + 1
     if groups.num_entities + int(groups.has_background) < 2:
-        return abs_dots.sum() * 0.0
-    present = torch.ones(n_groups, dtype=torch.bool, device=abs_dots.device)
+        return similarity.sum() * 0.0
+    present = torch.ones(n_groups, dtype=torch.bool, device=similarity.device)
     present[0] = groups.has_background
-    per_group = group_mean(abs_dots, groups.labels if labels is None else labels, n_groups)
+    per_group = group_mean(similarity, groups.labels if labels is None else labels, n_groups)
     other = (
         present[:, None] & present[None, :] & ~torch.eye(n_groups, dtype=torch.bool, device=present.device)
     )
@@ -558,6 +580,7 @@ class BottomUpLoss(nn.Module):
         erosion: int = 3,
         ignore_index: int | None = 255,
         repulsion_norm: str = "entities",
+        line_distance: str = "abs",
         lines: Mapping | None = None,
         contrast: Mapping | None = None,
         segment_space: Mapping | None = None,
@@ -576,6 +599,8 @@ class BottomUpLoss(nn.Module):
         self.ignore_index = ignore_index
         self.repulsion_norm = repulsion_norm
         repulsion_normaliser(1, True, repulsion_norm)  # fail on a bad name at construction
+        self.line_distance = line_distance
+        line_similarity(torch.zeros(1), line_distance)  # likewise
         self.lines = {"solver": "eigh", "power_iters": 20, "detach": True, **dict(lines or {})}
         self.contrast = {
             "temperature": 0.5,
@@ -631,13 +656,13 @@ class BottomUpLoss(nn.Module):
                 transform = segment_transform(lines[1:], float(s["max_line_cos"]), float(s["max_condition"]))
                 degenerate += transform is None
             dots = f @ (lines if transform is None else torch.cat([lines, transform])).T
-            abs_dots = dots[:, :n_groups].abs()
+            sim = line_similarity(dots[:, :n_groups], self.line_distance)
             if self.active("attraction"):
-                per_image["attraction"].append(_attraction(abs_dots, labels, groups.num_entities))
+                per_image["attraction"].append(_attraction(sim, labels, groups.num_entities))
             if self.active("repulsion"):
-                per_image["repulsion"].append(_repulsion(abs_dots, groups, self.repulsion_norm, labels))
+                per_image["repulsion"].append(_repulsion(sim, groups, self.repulsion_norm, labels))
             if self.active("contrast"):
-                own = abs_dots.detach().gather(1, labels[:, None]).squeeze(1)
+                own = dots[:, :n_groups].detach().abs().gather(1, labels[:, None]).squeeze(1)
                 per_image["contrast"].append(
                     _reco(
                         f,
