@@ -101,3 +101,12 @@ def test_bench_crops_keep_the_papers_view_proportions():
     assert (size, cfg.method.view_size) == (128, 37)
     cfg, size, _ = paper_setting("fbr_ppc", quick=True)
     assert (size, cfg.method.view_size) == (64, 18)
+
+
+def test_cam_export_bench_batches_images_without_changing_their_cams():
+    """`bench wsss`'s batched export (images of one size per call): the same CAMs as one image per call."""
+    from segexp.bench.wsss import bench_cam_export
+
+    out = bench_cam_export(size=24, n=4, batch=2)
+    assert out["batch"] == 2 and out["images_per_s"] > 0 and out["images_per_s_batched"] > 0
+    assert out["batched_max_abs_diff"] < 1e-5

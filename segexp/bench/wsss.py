@@ -1,7 +1,7 @@
 """Image-level pipeline throughput: ``python -m segexp.bench.wsss [--quick] [--size 128] [--json out.json]``.
 
 * CAM export: images/s of multi-scale (0.5, 1, 1.5, 2) x flip CAMs (ResNet-18 CAM net, random init:
-  the cost does not depend on the weights);
+  the cost does not depend on the weights), one image per call and ``--batch`` images of one size per call;
 * dense CRF (SEAM settings, 10 iterations, 21 labels): images/s with 1 and 2 processes (pool start-up
   not timed), beside the machine's own 1 -> 2 process ceiling (``_parallel.cpu_ceiling``);
 * random walk (rw stage per image: AffinityNet ResNet-18 embedding, dense affinity, beta 8, logt 6, label):
@@ -34,7 +34,9 @@ def _crf_job(args):
     return crf_inference(image, cam_crf_scores(cams, "power", 4.0)).argmax(0).astype(np.uint8)
 
 
-def bench_cam_export(size: int, n: int) -> dict:
+def bench_cam_export(size: int, n: int, batch: int = 8) -> dict:
+    """The export's passes one image at a time (as the cam stage runs them) and ``batch`` images of one
+    size per call (what a batched export would do): images/s of both and their largest difference."""
     from omegaconf import OmegaConf
 
     from segexp.methods.cam import CAM
@@ -47,15 +49,21 @@ def bench_cam_export(size: int, n: int) -> dict:
     inference = OmegaConf.to_container(compose(["method=cam"]).method.inference)  # the export passes
     m = CAM(model=net, num_classes=21, class_names=[str(i) for i in range(21)], schedule={},
             inference=inference).eval()  # fmt: skip
-    x = torch.randn(1, 3, size, size)
-    labels = torch.zeros(1, 20)
-    labels[0, :2] = 1
-    m.multiscale_cams(x, labels)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(n):
-        m.multiscale_cams(x, labels)
-    dt = time.perf_counter() - t0
-    return {"size": size, "images": n, "images_per_s": round(n / dt, 3), "passes": "4 scales x flip"}
+    batch = max(1, min(batch, n))
+    x = torch.randn(n, 3, size, size)
+    labels = (torch.rand(n, 20) < 0.15).float()
+    labels[:, 0] = 1
+    out = {"size": size, "images": n, "passes": "4 scales x flip", "batch": batch}
+    cams = {}
+    for b in sorted({1, batch}):
+        m.multiscale_cams(x[:b], labels[:b])  # warm-up
+        t0 = time.perf_counter()
+        cams[b] = torch.cat([m.multiscale_cams(x[i : i + b], labels[i : i + b]) for i in range(0, n, b)])
+        out["images_per_s" if b == 1 else "images_per_s_batched"] = round(n / (time.perf_counter() - t0), 3)
+    if batch > 1:
+        out["batched_speedup"] = round(out["images_per_s_batched"] / out["images_per_s"], 2)
+        out["batched_max_abs_diff"] = float((cams[1] - cams[batch]).abs().max())
+    return out
 
 
 def bench_crf(size: int, n: int) -> dict:
@@ -158,13 +166,14 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="image-level WSSS pipeline throughput")
     p.add_argument("--quick", action="store_true", help="few images, small size (CI)")
     p.add_argument("--size", type=int, default=None)
+    p.add_argument("--batch", type=int, default=8, help="images of one size per CAM-export call")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     size = args.size or (64 if args.quick else 320)
     n = 2 if args.quick else 10
     result = {
         "threads": torch.get_num_threads(),
-        "cam_export": bench_cam_export(size, n),
+        "cam_export": bench_cam_export(size, n if args.quick else 2 * args.batch, args.batch),
         "crf": bench_crf(size, 4 * n),  # 40 images: the last image, one worker alone, weighs 1/40
         "random_walk": bench_rw(max(size, 320) if not args.quick else size, n),
         "random_walk_vs_dense": bench_rw_methods(*((120, 160) if args.quick else (375, 500))),
