@@ -110,3 +110,15 @@ def test_cam_export_bench_batches_images_without_changing_their_cams():
     out = bench_cam_export(size=24, n=4, batch=2)
     assert out["batch"] == 2 and out["images_per_s"] > 0 and out["images_per_s_batched"] > 0
     assert out["batched_max_abs_diff"] < 1e-5
+
+
+def test_method_overhead_is_the_median_of_paired_ratios_with_quartiles():
+    """Rounds 2 and 3 ran while the machine was busy, on both steps of their pair: their ratios are
+    those of the quiet rounds, whereas the ratio of the two medians (1.4) would count the spell."""
+    from segexp.bench.methods import ratio_summary
+
+    method = [1.2, 2.6, 12.0, 1.4, 1.1]
+    reference = [1.0, 2.0, 10.0, 1.0, 1.0]  # ratios 1.2, 1.3, 1.2, 1.4, 1.1
+    out = ratio_summary(method, reference)
+    assert out == {"ratio": 1.2, "ratio_q1": 1.2, "ratio_q3": 1.3}
+    assert ratio_summary([3.0], [2.0]) == {"ratio": 1.5, "ratio_q1": 1.5, "ratio_q3": 1.5}

@@ -12,9 +12,9 @@ modules like the PCM, the paper's loss terms), not what its network costs:
   GrabCut masks; ``saliency`` cut at 0.5 for SOD methods). The bottom-up method has no class map: its
   per-term costs are ``python -m segexp.bench bottomup``.
 
-Per method: median seconds per step of both, timed in alternation, the ratio (target <= 1.15x,
-issue #19 item 3) and each loss term's share, measured by dropping one term at a time
-(``weights.<term>=0``) where the method reads weights.
+Per method: median seconds per step of both, timed in alternation, the median of the rounds'
+ratios with its quartiles (target <= 1.15x, issue #19 item 3) and each loss term's share, measured
+by dropping one term at a time (``weights.<term>=0``) where the method reads weights.
 Network and batch: the paper experiment at ``--size`` px and batch ``--batch`` (CPU-sized defaults) on a
 testbed batch (``segexp.bench.gpu``'s setting). Report the machine's load with the figures.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 import traceback
@@ -61,11 +62,9 @@ def reference_loss(method):
     return plain
 
 
-def paired_seconds(steps: dict[str, Any], warmup: int, rounds: int) -> dict[str, float]:
-    """Median seconds per step of each of ``steps``, taken in alternation (A, B, A, B, ...), so a
-    change of the machine's load during the measurement falls on all of them alike."""
-    import statistics
-
+def paired_times(steps: dict[str, Any], warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each of ``steps`` per round, taken in alternation (A, B, A, B, ...), so a change of
+    the machine's load during the measurement falls on all of them alike."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -75,7 +74,20 @@ def paired_seconds(steps: dict[str, Any], warmup: int, rounds: int) -> dict[str,
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def paired_seconds(steps: dict[str, Any], warmup: int, rounds: int) -> dict[str, float]:
+    """Median seconds per step of each of ``steps`` (:func:`paired_times`)."""
+    return {name: statistics.median(values) for name, values in paired_times(steps, warmup, rounds).items()}
+
+
+def ratio_summary(numerator: list[float], denominator: list[float]) -> dict[str, float]:
+    """Median and quartiles of the per-round ratios: each round's pair ran back to back, so a slow
+    spell of the machine cancels within a pair; the quartiles say how far one more run may move."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"ratio": round(statistics.median(ratios), 2), "ratio_q1": round(q1, 2), "ratio_q3": round(q3, 2)}
 
 
 def measure(name: str, args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
@@ -88,7 +100,7 @@ def measure(name: str, args: argparse.Namespace, data_dir: Path) -> dict[str, An
     method = build_method(cfg, device, False, False)
     row: dict[str, Any] = {"method": name, "backbone": str(cfg.backbone.name), "size": args.size,
                            "batch": args.batch}  # fmt: skip
-    timed = paired_seconds(
+    times = paired_times(
         {
             "method": make_step(method, total_loss(method), batch, device, "32"),
             "reference": make_step(method, reference_loss(method), batch, device, "32"),
@@ -96,8 +108,9 @@ def measure(name: str, args: argparse.Namespace, data_dir: Path) -> dict[str, An
         warmup=1,
         rounds=args.steps,
     )
-    full, plain = timed["method"], timed["reference"]
-    row.update(method_s=round(full, 4), reference_s=round(plain, 4), ratio=round(full / plain, 2))
+    row.update(method_s=round(statistics.median(times["method"]), 4),
+               reference_s=round(statistics.median(times["reference"]), 4),
+               **ratio_summary(times["method"], times["reference"]))  # fmt: skip
     weights = cfg.method.get("weights")
     if args.terms and weights:
         for term in OmegaConf.to_container(weights, resolve=True):
@@ -144,7 +157,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rows.append({"method": name, "error": f"{type(exc).__name__}: {exc}"})
             r = rows[-1]
             shown = r.get("error") or (f"{r['method_s']:.3f} s vs reference {r['reference_s']:.3f} s = "
-                                       f"{r['ratio']:.2f}x")  # fmt: skip
+                                       f"{r['ratio']:.2f}x (pairs' quartiles {r['ratio_q1']:.2f}-"
+                                       f"{r['ratio_q3']:.2f})")  # fmt: skip
             shares = {k[6:]: v for k, v in r.items() if k.startswith("share/")}
             print(f"{name:10s} {r.get('backbone', ''):14s} {shown}" + (f"  terms {shares}" if shares else ""),
                   flush=True)  # fmt: skip
