@@ -41,7 +41,7 @@ STUDIES = {
         ["test/MAE", "test/meanF", "test/meanE"],
         {"method.supervision": ["[body,detail]", "[body,edge]", "[sal,detail]", "[sal,edge]"]},
     ),
-    "study_ldf_boundary": (
+    "study_ldf_textured": (
         ["test/MAE", "test/meanF", "test/meanE"],
         {"method.supervision": ["[body,detail]", "[body,edge]", "[sal,detail]", "[sal,edge]"]},
     ),
