@@ -17,8 +17,9 @@ Terms (equations as reconstructed in ``shared/methods/bottomup.md`` §4; choices
   ``groups`` (N + 1 with background).
 * ``line_distance`` (Eq. 2, whose form is stripped from the seed: "abs vs square" in
   ``shared/methods/bottomup.md`` s.10): ``abs`` (default) uses ``|mu . f|`` in La and Lr as above;
-  ``squared`` uses ``(mu . f)^2`` (La = mean sin^2, Lr = mean cos^2), whose pull vanishes near
-  orthogonal lines - a weaker attraction early in training.
+  ``squared`` uses ``(mu . f)^2`` (La = mean sin^2, Lr = mean cos^2): a pull that vanishes near
+  orthogonal and is twice as steep near alignment (on the testbed it aligns entities *more*:
+  ``experiments/study_bottomup/results.md``).
 * ``contrast``: ReCo regional contrast (Liu et al., ICLR'22) with entities as classes. *Choice*
   for the projective space: the positive key is the target line ``mu_k`` (a signed mean can cancel
   out), hard queries are pixels with ``|mu_k . f| < strong_threshold``, negatives are pixels of
