@@ -45,6 +45,10 @@ STUDIES = {
         ["test/MAE", "test/meanF", "test/meanE"],
         {"method.supervision": ["[body,detail]", "[body,edge]", "[sal,detail]", "[sal,edge]"]},
     ),
+    "study_ldf_hard": (
+        ["test/MAE", "test/meanF", "test/meanE"],
+        {"method.supervision": ["[body,detail]", "[body,edge]", "[sal,detail]", "[sal,edge]"]},
+    ),
     "study_box2seg": (
         ["test/mIoU"],
         {"variant": ["box_rect", "gc_only", "full", "no_att", "no_aff", "no_pretrain"]},
