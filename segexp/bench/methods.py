@@ -77,11 +77,6 @@ def paired_times(steps: dict[str, Any], warmup: int, rounds: int) -> dict[str, l
     return times
 
 
-def paired_seconds(steps: dict[str, Any], warmup: int, rounds: int) -> dict[str, float]:
-    """Median seconds per step of each of ``steps`` (:func:`paired_times`)."""
-    return {name: statistics.median(values) for name, values in paired_times(steps, warmup, rounds).items()}
-
-
 def ratio_summary(numerator: list[float], denominator: list[float]) -> dict[str, float]:
     """Median and quartiles of the per-round ratios: each round's pair ran back to back, so a slow
     spell of the machine cancels within a pair; the quartiles say how far one more run may move."""
@@ -121,9 +116,9 @@ def measure(name: str, args: argparse.Namespace, data_dir: Path) -> dict[str, An
                 torch.manual_seed(0)
                 without = build_method(cfg, device, False, False)
                 step = make_step(without, total_loss(without), batch, device, "32")
-                pair = paired_seconds({"full": make_step(method, total_loss(method), batch, device, "32"),
-                                       "without": step}, warmup=1, rounds=args.steps)  # fmt: skip
-                row[f"share/{term}"] = round(1 - pair["without"] / pair["full"], 2)
+                pair = paired_times({"full": make_step(method, total_loss(method), batch, device, "32"),
+                                     "without": step}, warmup=1, rounds=args.steps)  # fmt: skip
+                row[f"share/{term}"] = round(1 - ratio_summary(pair["without"], pair["full"])["ratio"], 2)
             except Exception as exc:  # a term another one needs cannot be dropped alone
                 row[f"share/{term}"] = f"n/a ({type(exc).__name__})"
             OmegaConf.update(cfg, f"method.weights.{term}", float(weights[term]))
