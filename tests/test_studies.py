@@ -27,6 +27,12 @@ SHORT = [
     "seed=0,1",
 ]
 
+#: LDF Table 5 (the study and its two harder views): the report's metrics and the four supervisions
+LDF_TABLE5 = (
+    ["test/MAE", "test/meanF", "test/meanE"],
+    {"method.supervision": ["[body,detail]", "[body,edge]", "[sal,detail]", "[sal,edge]"]},
+)
+
 #: study -> (metrics for the report, the swept values whose product must be the rows)
 STUDIES = {
     "study_bottomup": (
@@ -37,18 +43,9 @@ STUDIES = {
         ["test/S", "test/MAE", "test/maxF"],
         {"loss": ["ce", "cas"], "data.prepare.testbed.sod_noise.rate": ["0.0", "0.25", "0.5"]},
     ),
-    "study_ldf_supervision": (
-        ["test/MAE", "test/meanF", "test/meanE"],
-        {"method.supervision": ["[body,detail]", "[body,edge]", "[sal,detail]", "[sal,edge]"]},
-    ),
-    "study_ldf_textured": (
-        ["test/MAE", "test/meanF", "test/meanE"],
-        {"method.supervision": ["[body,detail]", "[body,edge]", "[sal,detail]", "[sal,edge]"]},
-    ),
-    "study_ldf_hard": (
-        ["test/MAE", "test/meanF", "test/meanE"],
-        {"method.supervision": ["[body,detail]", "[body,edge]", "[sal,detail]", "[sal,edge]"]},
-    ),
+    "study_ldf_supervision": LDF_TABLE5,
+    "study_ldf_textured": LDF_TABLE5,
+    "study_ldf_hard": LDF_TABLE5,
     "study_box2seg": (
         ["test/mIoU"],
         {"variant": ["box_rect", "gc_only", "full", "no_att", "no_aff", "no_pretrain"]},
