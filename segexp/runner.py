@@ -183,6 +183,17 @@ def finish_loggers(loggers: list) -> None:
             wandb.finish()
 
 
+def checkpoint_to_test(trainer: pl.Trainer, weights: str) -> str | None:
+    """The checkpoint ``trainer.test`` loads: the best on ``optimized_metric`` (whose choice depends on
+    how often validation runs), or None for the weights as training left them (``last``)."""
+    if weights == "last":
+        return None
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not best:
+        log.warning("no best checkpoint (checkpointing off or fast_dev_run): testing current weights")
+    return best or None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     check_launch(cfg)
@@ -206,10 +217,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
             metrics[f"{ckpt_cb.monitor}_best"] = float(ckpt_cb.best_model_score)
     if cfg.get("test", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if not best:
-            log.warning("no best checkpoint (checkpointing off or fast_dev_run): testing current weights")
-        trainer.test(method, datamodule=datamodule, ckpt_path=best or None)
+        weights = checkpoint_to_test(trainer, cfg.get("test_weights", "best"))
+        trainer.test(method, datamodule=datamodule, ckpt_path=weights)
         metrics.update(_scalars(trainer.callback_metrics, "test/"))
 
     if trainer.is_global_zero:

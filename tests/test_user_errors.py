@@ -72,6 +72,23 @@ def test_type_check_keeps_numbers_numbers_and_allows_null():
         check_types(OmegaConf.create({"a": 1.5}), ref, ["a"])
 
 
+def test_test_weights_takes_best_or_last_and_picks_that_checkpoint():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from segexp.runner import checkpoint_to_test
+    from segexp.utils.validate import check_choices
+
+    with pytest.raises(UserError, match=r"test_weights='bset': must be one of best, last"):
+        check_choices(OmegaConf.create({"test_weights": "bset"}))
+    check_choices(OmegaConf.create({"test_weights": "last"}))
+    trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(best_model_path="/r/epoch_003.ckpt"))
+    assert checkpoint_to_test(trainer, "best") == "/r/epoch_003.ckpt"
+    assert checkpoint_to_test(trainer, "last") is None  # the weights training ended with
+    assert checkpoint_to_test(SimpleNamespace(checkpoint_callback=None), "best") is None
+
+
 # -- data ---------------------------------------------------------------------------------------
 def test_missing_dataset_is_reported_before_the_model_with_the_setting_to_change(tmp_path):
     (tmp_path / "empty").mkdir()

@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None,
                         help="timed rounds, medians taken (default 5; 1 with --quick)")  # fmt: skip
-    parser.add_argument("--terms", action="store_true", help="also each loss term's share (one run per term)")
+    parser.add_argument("--terms", action="store_true",
+                        help="also each loss term's share: one paired run per term, so the bench takes "
+                             "(terms + 1)x as long (SEAM + FBR-PPC, --steps 15: ~20 min)")  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     args.size = args.size or (64 if args.quick else 128)

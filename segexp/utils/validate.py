@@ -6,7 +6,8 @@ Why: ``data.batch_size=abc`` used to surface 34 s later as ``TypeError: '>' not 
 * a value set on the command line where the config has a number must be a number (an integer where
   it has an integer): the config without the user's plain-value overrides is the reference. Flags
   are not checked: some take a flag or a path (``backbone.pretrained``);
-* a few keys have ranges (``RANGES``): batch sizes and epochs are positive, learning rates too.
+* a few keys have ranges (``RANGES``): batch sizes and epochs are positive, learning rates too;
+* a few keys take one of a few words (``CHOICES``), e.g. ``test_weights``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ RANGES: dict[str, tuple[float, bool]] = {
     "schedule.epochs": (1, True),
     "schedule.optimizer.lr": (0, False),
     "schedule.optimizer.weight_decay": (0, True),
+}
+
+#: key -> the values it may take
+CHOICES: dict[str, tuple[str, ...]] = {
+    "test_weights": ("best", "last"),
 }
 
 
@@ -65,6 +71,13 @@ def check_ranges(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value!r}: must be {bound}")
 
 
+def check_choices(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if value is not None and value not in allowed:
+            raise UserError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
+
+
 def value_overrides(overrides: Sequence[str], conf_dir: Path) -> tuple[list[str], list[str]]:
     """Split task overrides into (config-group choices and the like, plain-value keys)."""
     groups, keys = [], []
@@ -90,3 +103,4 @@ def validate(cfg: DictConfig) -> None:
             reference = compose(config_name=hc.job.config_name, overrides=groups)
             check_types(cfg, reference, keys)
     check_ranges(cfg)
+    check_choices(cfg)
