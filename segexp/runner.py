@@ -51,8 +51,7 @@ def check_data(cfg: DictConfig, datamodule: pl.LightningDataModule, stage: str) 
         try:  # a real data set is opened first: a mix of real and generated data (bottomup_coco_ade)
             datamodule.setup(stage)  # reports its missing real folder before minutes of generation
         except DatasetError as missing:
-            prepare = getattr(datamodule, "prepare", None)
-            generated = getattr(prepare, "keywords", {}).get("root")
+            generated = datamodule.generated_root() if hasattr(datamodule, "generated_root") else None
             if generated is None or not str(missing.path).startswith(str(generated)):
                 raise  # a real data set's file: generating the synthetic part would not help
             datamodule.prepare_data()  # the synthetic set: generated once, then opened

@@ -68,3 +68,31 @@ def test_mask_of_another_size_names_both_files(broken_tree, tmp_path):
     with pytest.raises(DatasetError, match=str(png)) as err:
         dm.datasets["train"][0]
     assert "48" in str(err.value) and "64" in str(err.value)
+
+
+def test_a_synthetic_set_still_being_written_is_waited_for_not_read(tmp_path):
+    """Two jobs of a sweep on one new root: the second once listed the SOD folders while the first was
+    writing them and trained on 533 of 1,200 images. A root without its completion marker is reported
+    missing and generated (or waited for) before any split is read."""
+    from segexp.data.synth import COMPLETE_MARKER
+    from segexp.runner import build_datamodule, check_data
+
+    cfg = compose(
+        ["+experiment=cas_shapes_sod", f"paths.data_dir={tmp_path / 'data'}", "data.prepare.num_images=20",
+         "data.prepare.size=64", "data.image_size=64", "data.num_workers=0"],
+        out_dir=tmp_path,
+    )
+    dm = build_datamodule(cfg)
+    check_data(cfg, dm, "fit")  # generates the root
+    complete = len(dm.datasets["train"])
+    root = dm.generated_root()
+    (root / COMPLETE_MARKER).unlink()  # as while another job is writing it
+    images = sorted((root / "SOD").rglob("train/Image/*"))
+    for path in images[: len(images) // 2]:
+        path.unlink()
+
+    partial = build_datamodule(cfg)
+    with pytest.raises(DatasetError, match=f"{root / COMPLETE_MARKER}: not written"):
+        partial.setup("fit")
+    check_data(cfg, partial, "fit")
+    assert len(partial.datasets["train"]) == complete == len(images)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -22,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from segexp.data.collate import pad_collate
+from segexp.data.io import DatasetError
 from segexp.data.transforms import SampleTransform
 
 log = logging.getLogger(__name__)
@@ -133,7 +135,27 @@ class SegDataModule(pl.LightningDataModule):
         if self.prepare is not None:
             self.prepare()
 
+    def generated_root(self) -> Path | None:
+        """The synthetic root ``prepare`` writes (``ensure_synthetic``'s ``root``), if any."""
+        root = getattr(self.prepare, "keywords", {}).get("root")
+        return None if root is None else Path(root)
+
+    def _check_generated_root(self) -> None:
+        """A synthetic root without its completion marker is being written by another process (or was
+        interrupted): readers that list folders (SOD) would see part of a split and train on it
+        silently. Reported as a missing file, so the caller runs ``prepare_data``, which waits for the
+        other generator's lock or regenerates."""
+        from segexp.data.synth import COMPLETE_MARKER
+
+        root = self.generated_root()
+        if root is not None and root.exists() and not (root / COMPLETE_MARKER).is_file():
+            raise DatasetError(
+                root / COMPLETE_MARKER,
+                "not written: this synthetic set is incomplete (being generated, or interrupted)",
+            )
+
     def setup(self, stage: str | None = None) -> None:
+        self._check_generated_root()
         wanted = {
             "fit": ("train", "val"),
             "validate": ("val",),
