@@ -132,6 +132,20 @@ def test_squared_line_distance_hand_computed_and_batched():
         BottomUpLoss(weights={"attraction": 1}, line_distance="cosine")
 
 
+def test_attraction_margin_is_a_hinge_on_the_line_distance():
+    """``attraction_margin`` m: La = mean max(0, 1 - |mu.f| - m); the entity above is 1 - cos(theta) from its
+    line, so a margin below that lowers La by m (per entity), one above it silences La."""
+    theta, phi = 0.3, 0.2
+    fmap, ent = _three_group_image(theta, phi)
+    distance = 1 - math.cos(theta)  # entity 1's pixels; entity 2's lie on their line
+    for margin, expected in ((0.0, distance / 2), (0.02, (distance - 0.02) / 2), (0.05, 0.0)):
+        loss = BottomUpLoss(weights={"attraction": 1}, erosion=1, attraction_margin=margin)
+        out, _ = loss(fmap[None], ent[None])
+        assert float(out["attraction"]) == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="loss.attraction_margin"):
+        BottomUpLoss(weights={"attraction": 1}, attraction_margin=1.0)
+
+
 def test_attraction_and_repulsion_vanish_for_parallel_within_orthogonal_across():
     g = torch.Generator().manual_seed(1)
     basis = torch.linalg.qr(torch.randn(8, 8, generator=g))[0]

@@ -20,6 +20,11 @@ Terms (equations as reconstructed in ``shared/methods/bottomup.md`` §4; choices
   ``squared`` uses ``(mu . f)^2`` (La = mean sin^2, Lr = mean cos^2): a pull that vanishes near
   orthogonal and is twice as steep near alignment (on the testbed it aligns entities *more*:
   ``experiments/study_bottomup/results.md``).
+* ``attraction_margin`` (not in the paper; 0 = Eq. 5 as above): a hinge ``max(0, 1 - sim - m)``, no pull
+  on a pixel already within ``m`` of its line, as in De Brabandere et al.'s discriminative loss. A probe
+  of Table 5's premise: the paper's discriminative losses leave entities loosely aligned (intra-entity
+  similarity 0.152), which the plain Eq. 5 here does not (0.74); with a margin they stay loose by design,
+  and whether L_s then lifts them is the mechanism Table 5 measures.
 * ``contrast``: ReCo regional contrast (Liu et al., ICLR'22) with entities as classes. *Choice*
   for the projective space: the positive key is the target line ``mu_k`` (a signed mean can cancel
   out), hard queries are pixels with ``|mu_k . f| < strong_threshold``, negatives are pixels of
@@ -214,18 +219,28 @@ def line_similarity(dots: torch.Tensor, form: str = "abs") -> torch.Tensor:
 
 
 def attraction_loss(
-    features: torch.Tensor, lines: torch.Tensor, groups: EntityGroups, form: str = "abs"
+    features: torch.Tensor,
+    lines: torch.Tensor,
+    groups: EntityGroups,
+    form: str = "abs",
+    margin: float = 0.0,
 ) -> torch.Tensor:
-    """Eq. 5 for one image: mean over entities of mean_{p in S_k} (1 - sim(mu_k, f_p))."""
+    """Eq. 5 for one image: mean over entities of mean_{p in S_k} (1 - sim(mu_k, f_p)) (hinged at
+    ``margin``: see the module docstring)."""
     if groups.num_entities == 0:
         return features.sum() * 0.0
-    return _attraction(line_similarity(features @ lines.T, form), groups.labels, groups.num_entities)
+    similarity = line_similarity(features @ lines.T, form)
+    return _attraction(similarity, groups.labels, groups.num_entities, margin)
 
 
-def _attraction(similarity: torch.Tensor, labels: torch.Tensor, num_entities: int) -> torch.Tensor:
+def _attraction(
+    similarity: torch.Tensor, labels: torch.Tensor, num_entities: int, margin: float = 0.0
+) -> torch.Tensor:
     """Eq. 5 from the line similarity (n, G) of every pixel and line."""
-    own = similarity.gather(1, labels[:, None]).squeeze(1)
-    return group_mean(1.0 - own, labels, num_entities + 1)[1:].mean()
+    distance = 1.0 - similarity.gather(1, labels[:, None]).squeeze(1)
+    if margin:
+        distance = (distance - margin).clamp(min=0.0)
+    return group_mean(distance, labels, num_entities + 1)[1:].mean()
 
 
 def repulsion_normaliser(num_entities: int, has_background: bool, mode: str) -> float:
@@ -582,6 +597,7 @@ class BottomUpLoss(nn.Module):
         ignore_index: int | None = 255,
         repulsion_norm: str = "entities",
         line_distance: str = "abs",
+        attraction_margin: float = 0.0,
         lines: Mapping | None = None,
         contrast: Mapping | None = None,
         segment_space: Mapping | None = None,
@@ -602,6 +618,9 @@ class BottomUpLoss(nn.Module):
         repulsion_normaliser(1, True, repulsion_norm)  # fail on a bad name at construction
         self.line_distance = line_distance
         line_similarity(torch.zeros(1), line_distance)  # likewise
+        if not 0.0 <= attraction_margin < 1.0:
+            raise ValueError(f"loss.attraction_margin={attraction_margin}: must be in [0, 1)")
+        self.attraction_margin = float(attraction_margin)
         self.lines = {"solver": "eigh", "power_iters": 20, "detach": True, **dict(lines or {})}
         self.contrast = {
             "temperature": 0.5,
@@ -659,7 +678,8 @@ class BottomUpLoss(nn.Module):
             dots = f @ (lines if transform is None else torch.cat([lines, transform])).T
             sim = line_similarity(dots[:, :n_groups], self.line_distance)
             if self.active("attraction"):
-                per_image["attraction"].append(_attraction(sim, labels, groups.num_entities))
+                pull = _attraction(sim, labels, groups.num_entities, self.attraction_margin)
+                per_image["attraction"].append(pull)
             if self.active("repulsion"):
                 per_image["repulsion"].append(_repulsion(sim, groups, self.repulsion_norm, labels))
             if self.active("contrast"):
