@@ -238,6 +238,8 @@ def test_voc_aug_config(voc_aug, tmp_path):
     root, truth, sbd = voc_aug
     train = reader_from_config("voc_aug", tmp_path, "train", keys=["mask", "labels"])
     assert len(train) == 3 and train.mask_dir == "SegmentationClassAug"
+    assert train.labels_from == "xml"  # the releases' cls_labels.npy come from the XML object names
+    assert np.nonzero(train[2]["labels"])[0].tolist() == [7, 11]  # an SBD-only id: SBD's cat, dog
     np.testing.assert_array_equal(train[2]["mask"], sbd["mask"])  # gray SegmentationClassAug PNG
     np.testing.assert_array_equal(train[0]["mask"], truth[VOC_IDS[0]]["mask"])
     val = reader_from_config("voc_aug", tmp_path, "val", keys=["mask", "instances"])

@@ -93,7 +93,7 @@ whitespace) against ``conf/experiment/amn_voc.yaml``, ``conf/stage/{ir_labels,ir
 * crop 512, image padded with 0 after normalisation (the mean colour), labels with 255, at a random
   offset: matched (``fill: [124, 116, 104]``, the rounded mean, ``position: random``; ``valid`` -> ignore);
 * batch 16 (drop_last), 5 epochs, constant lr: matched; image labels from ``cls_labels.npy`` (XML
-  annotations): differs, ``voc_aug`` reads them from the masks (``data.reader.labels_from=xml``);
+  annotations): matched (``voc_aug``'s ``labels_from: xml``);
 * first-round IR labels 0.30 / 0.05 of the CAM network's ``high_res`` maps: matched (``amn_voc``); that
   network is IRN's ``resnet50_cam`` recipe (resize-long 320-640, crop 512, batch 16, lr 0.1, 5 epochs) -
   here any ``cam_ckpt``, no experiment reproduces the recipe;

@@ -56,7 +56,7 @@ Release differences (data pipeline / inference), ``voc12/dataloader.py``, ``misc
 * IRN's own CAM network (``resnet50_cam``: resize-long 320-640, crop 512, batch 16, lr 0.1, wd 1e-4,
   5 epochs; scales 1.0 / 0.5 / 1.5 / 2.0 x flip; ``cam_eval_thres`` 0.15): not reproduced by an
   experiment - the irn stage walks the pipeline's CAMs; image labels (``cls_labels.npy``, from the XML
-  annotations) differ from ``voc_aug``'s mask-derived ones (``data.reader.labels_from=xml``).
+  annotations): matched (``voc_aug``'s ``labels_from: xml``).
 """
 
 from __future__ import annotations

@@ -94,8 +94,8 @@ Release differences (data pipeline / inference), read from ``contrast_train.py``
 * length: 10,000 x ``iter_size`` 2 = 20,000 optimizer steps (a step per batch, no accumulation), poly
   horizon 10582 // 8 x 15 = 19,830; intentionally different: 15 epochs = 19,830 steps (the last 170
   released steps run at 1.4e-4 x the initial lr);
-* image labels: ``cls_labels.npy`` (psa's, from the XML annotations); differs: ``voc_aug`` reads them
-  from the masks (``data.reader.labels_from=xml`` reproduces);
+* image labels: ``cls_labels.npy`` (psa's, from the XML annotations): matched (``voc_aug``'s
+  ``labels_from: xml``);
 * CAM inference: scales 0.5 / 1 / 1.5 / 2 x flip, softmax over 21 channels per pass, bilinear to the
   image, foreground x label, summed, ``/ (max + 1e-5)``, background 0.22, scored on VOC train without
   CRF: matched; the rescale is PIL bicubic (antialiased at 0.5), here torch bicubic - intentionally

@@ -157,8 +157,8 @@ class VOCSegmentation(Reader):
     """One split of a VOC2012-layout tree: masks, instances, XML boxes and image-level labels.
 
     ``labels_from`` picks the source of the image-level labels: ``"mask"`` (classes present in
-    the segmentation, the WSSS convention) or ``"xml"`` (object names, e.g. for images that have
-    no mask). Only the files that ``keys`` needs are decoded.
+    the segmentation) or ``"xml"`` (object names: what the WSSS releases' ``cls_labels.npy`` hold, and
+    ``voc_aug``'s setting; ids without an XML fall back to SBD's instance classes). Only the files that ``keys`` needs are decoded.
     """
 
     provides: ClassVar[frozenset[str]] = frozenset(
