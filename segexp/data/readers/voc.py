@@ -158,7 +158,8 @@ class VOCSegmentation(Reader):
 
     ``labels_from`` picks the source of the image-level labels: ``"mask"`` (classes present in
     the segmentation) or ``"xml"`` (object names: what the WSSS releases' ``cls_labels.npy`` hold, and
-    ``voc_aug``'s setting; ids without an XML fall back to SBD's instance classes). Only the files that ``keys`` needs are decoded.
+    ``voc_aug``'s setting; ids without an XML fall back to SBD's instance classes). Only the files
+    that ``keys`` needs are decoded.
     """
 
     provides: ClassVar[frozenset[str]] = frozenset(
