@@ -16,7 +16,9 @@ difference of every value of KEY to the baseline value and whether it is *beyond
 larger of the two groups' std): the test each study's ``results.md`` applies.
 
 Writes ``report.md``, ``report.csv`` and ``report.png`` (bars with std error bars) into ``--out``
-(default: the first DIR) and prints the Markdown.
+(default: the first DIR) and prints the Markdown, and ``jobs.csv``: every job's overrides, wall time
+and metrics. A DIR holding no job but a ``jobs.csv`` is read from that file, so a study's reports can be
+pooled with new runs after its run directories are gone (``report experiments/<study>/<run> logs/...``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import yaml
 
 from segexp.metrics.testbed import DIAGNOSTICS_FILE
 from segexp.utils.atomic import atomic_path, write_text
+
+JOBS_FILE = "jobs.csv"  # one row per job: its overrides (JSON), wall time and metrics
 
 #: overrides that say where or how a job ran, not what it is
 NON_GROUPING = ("seed", "paths.*", "hydra.*", "data.num_workers", "trainer.accelerator", "trainer.devices")
@@ -145,15 +149,49 @@ def find_jobs(roots: Sequence[Path]) -> list[Job]:
     A pipeline's own training runs (``<pipeline>/train``, ``<pipeline>/retrain``) are its stages, not jobs.
     """
     dirs: set[Path] = set()
+    recorded: list[Job] = []
     for root in roots:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: no such run directory")
-        for marker in ("pipeline_report.json", ".hydra/overrides.yaml"):
-            dirs.update(p.parent if marker.endswith(".json") else p.parent.parent for p in root.rglob(marker))
+        found: set[Path] = set()
+        found.update(p.parent for p in root.rglob("pipeline_report.json"))
+        found.update(p.parent.parent for p in root.rglob(".hydra/overrides.yaml"))
+        if not found and (root / JOBS_FILE).is_file():
+            recorded += read_jobs_file(root / JOBS_FILE)
+        dirs |= found
     pipelines = {d for d in dirs if (d / "pipeline_report.json").is_file()}
     jobs = [d for d in dirs if not any(p in d.parents for p in pipelines)]
-    return [read_job(d) for d in sorted(jobs, key=_job_order)]
+    return recorded + [read_job(d) for d in sorted(jobs, key=_job_order)]
+
+
+def jobs_text(jobs: Sequence[Job]) -> str:
+    """``jobs.csv``: a job per row (``failed`` 1 where it has no metrics), every metric any job has."""
+    metrics = list(dict.fromkeys(m for j in jobs if j.metrics for m in j.metrics))  # first-seen order
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["job", "overrides", "failed", "wall_s", *metrics])
+    for j in jobs:
+        values = [j.metrics.get(m, "") if j.metrics else "" for m in metrics]
+        wall = "" if j.wall_s is None else j.wall_s
+        writer.writerow([str(j.path), json.dumps(j.overrides), int(j.metrics is None), wall, *values])
+    return buf.getvalue()
+
+
+def read_jobs_file(path: Path) -> list[Job]:
+    """The jobs a ``jobs.csv`` recorded (see :func:`jobs_text`)."""
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    fixed = {"job", "overrides", "failed", "wall_s"}
+
+    def metrics(row: dict[str, str]) -> dict[str, float] | None:
+        return None if row["failed"] == "1" else {k: float(v) for k, v in row.items() if k not in fixed and v}
+
+    return [
+        Job(Path(row["job"]), json.loads(row["overrides"]), metrics(row),
+            float(row["wall_s"]) if row["wall_s"] else None)  # fmt: skip
+        for row in rows
+    ]
 
 
 def _ignored(key: str, ignore: Sequence[str]) -> bool:
@@ -381,6 +419,7 @@ def report(
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "report.md", text)
     write_text(out / "report.csv", csv_text(keys, groups, names))
+    write_text(out / JOBS_FILE, jobs_text(jobs))
     if plot and names:
         bar_chart(out / "report.png", keys, groups, names)
     return text

@@ -117,6 +117,20 @@ def test_outputs_csv_markdown_and_chart(grid, tmp_path):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_jobs_csv_keeps_every_job_so_a_report_pools_with_new_runs_after_the_runs_are_gone(grid, tmp_path):
+    crashed = tmp_path / "crashed"
+    make_job(crashed, 0, ["+experiment=study", "loss=cas", "seed=3"], None)
+    kept = tmp_path / "experiments" / "study"
+    rp.report([grid, crashed], out=kept)  # writes jobs.csv beside report.md, as a study's folder keeps it
+    more = tmp_path / "more"
+    make_job(more, 0, ["+experiment=study", "loss=ce", "seed=3"], {"test/S": 0.86, "test/MAE": 0.14})
+    pooled_from_runs = rp.report([grid, crashed, more], out=tmp_path / "a")
+    pooled_from_file = rp.report([kept, more], out=tmp_path / "b")  # kept holds no run, only jobs.csv
+    assert pooled_from_file == pooled_from_runs
+    assert "| ce | 4 |" in pooled_from_file
+    assert f"Failed or unfinished jobs (no metrics): {crashed / '0'}" in pooled_from_file  # still failed
+
+
 def test_one_row_study_is_named_by_the_keys_its_multirun_declared_swept(tmp_path):
     sweep = tmp_path / "one_row"
     for seed in (0, 1):
