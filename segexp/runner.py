@@ -216,7 +216,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if ckpt_cb is not None and ckpt_cb.best_model_score is not None:
             metrics[f"{ckpt_cb.monitor}_best"] = float(ckpt_cb.best_model_score)
     if cfg.get("test", True):
-        weights = checkpoint_to_test(trainer, cfg.get("test_weights", "best"))
+        weights = checkpoint_to_test(trainer, cfg.test_weights)
         trainer.test(method, datamodule=datamodule, ckpt_path=weights)
         metrics.update(_scalars(trainer.callback_metrics, "test/"))
 
