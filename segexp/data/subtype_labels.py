@@ -1,0 +1,89 @@
+"""SC-CAM's sub-category labels from the part set's true body sub-types: clusters of purity 1.
+
+SC-CAM (Chang et al., CVPR 2020) clusters each class's images into K pseudo sub-categories and trains
+the classifier on them too. On the testbed's part set the clusters it finds barely match the hidden
+sub-types (purity 0.42-0.45 against 0.39 for one cluster per class, ``experiments/study_sccam``), so a
+failure there cannot tell a weak clustering from a mechanism that does not work. This train wrapper
+gives the network the sub-categories the clustering is meant to recover - sub-category ``k`` of class
+``c`` is the ``k``-th entry of ``bodies`` - so the sub-category term is measured with perfect clusters
+(an upper bound of what any clustering could give it). It is a probe, not part of the method.
+
+The sub-types are read from the root's COCO instances (``attributes.body``, written by
+:mod:`segexp.data.synth`); the parent labels stay the reader's own, so the label vector is SC-CAM's
+(:func:`~segexp.stages.subcategory.subcategory_labels`) with the true sub-type as the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+from segexp.data.pseudo_labels import ReaderWrapper
+from segexp.data.synth import body_subtypes
+from segexp.stages.subcategory import subcategory_labels
+from segexp.utils.errors import UserError
+
+__all__ = ["BodySubtypeLabels", "SubtypeLabelsError"]
+
+
+class SubtypeLabelsError(UserError, ValueError):
+    """A misconfigured ``BodySubtypeLabels`` entry of ``data.train_wrappers`` (printed in one line)."""
+
+
+class BodySubtypeLabels(ReaderWrapper):
+    """``reader`` with ``key`` (C * K multi-hot) from the part set's body sub-types (see the module).
+
+    Args:
+        root: the generated part set's root (``data.prepare.root``).
+        split: the COCO split the reader reads (``data.splits.train``).
+        bodies: the sub-type names in sub-category order (``data.prepare.testbed.parts.bodies``).
+        num_subcategories: K of the method; at least ``len(bodies)``.
+    """
+
+    adds: ClassVar[tuple[str, ...]] = ("sub_labels",)
+
+    def __init__(self, reader: Any, root: str | os.PathLike, split: str, bodies: Sequence[str],
+                 num_subcategories: int, key: str = "sub_labels"):  # fmt: skip
+        bodies = list(bodies)
+        if num_subcategories < len(bodies):
+            raise SubtypeLabelsError(
+                f"data.train_wrappers: BodySubtypeLabels has {len(bodies)} body sub-types {bodies} but "
+                f"method.num_subcategories={num_subcategories}; set it to {len(bodies)}"
+            )
+        try:
+            table = body_subtypes(root, split)
+        except (OSError, ValueError) as err:
+            raise SubtypeLabelsError(
+                f"data.train_wrappers: BodySubtypeLabels needs a part set: {err}"
+            ) from err
+        unknown = {b for row in table.values() for b in row if b and b not in bodies}
+        if unknown:
+            raise SubtypeLabelsError(
+                f"{root}: body sub-types {sorted(unknown)} are not in bodies={bodies} "
+                "(data.prepare.testbed.parts.bodies)"
+            )
+        missing = [i for i in reader.ids if i not in table]
+        if missing:
+            raise SubtypeLabelsError(
+                f"{root}: {len(missing)} images of split '{split}' have no COCO instances "
+                f"(first: {missing[0]})"
+            )
+        self.reader = reader
+        self.key = key
+        self.num_subcategories = int(num_subcategories)
+        index = {b: k for k, b in enumerate(bodies)}
+        self.clusters = {i: np.array([index.get(b, -1) for b in row], np.int64) for i, row in table.items()}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.reader[index]
+        image_id = self.reader.ids[index]
+        labels = np.asarray(sample["labels"])[None]
+        try:
+            clusters = self.clusters[image_id][None]
+            sample[self.key] = subcategory_labels(labels, clusters, self.num_subcategories)[0]
+        except ValueError as err:  # a class in the image-level labels without an annotated object
+            raise SubtypeLabelsError(f"image {image_id}: {err}") from err
+        return sample

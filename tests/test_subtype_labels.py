@@ -1,0 +1,55 @@
+"""The oracle sub-category labels of the part set (segexp/data/subtype_labels.py)."""
+
+import numpy as np
+import pytest
+
+from segexp.data.readers.voc import VOCSegmentation
+from segexp.data.subtype_labels import BodySubtypeLabels, SubtypeLabelsError
+from segexp.data.synth import CLASS_NAMES, body_subtypes, ensure_synthetic
+from segexp.data.testbed import Testbed
+
+BODIES = ["disc", "bar", "ring"]
+
+
+@pytest.fixture(scope="module")
+def part_root(tmp_path_factory):
+    testbed = Testbed.from_dict({"parts": {"bodies": BODIES}})
+    return ensure_synthetic(tmp_path_factory.mktemp("parts"), num_images=16, size=64, seed=3, testbed=testbed,
+                            workers=1)  # fmt: skip
+
+
+def _reader(root):
+    voc = root / "VOCdevkit" / "VOC2012"
+    return VOCSegmentation(voc, "train", keys=["image", "labels"], class_names=CLASS_NAMES)
+
+
+def test_each_present_class_gets_the_bit_of_its_true_body(part_root):
+    """Bit c * K + k is set iff class c is in the image and its (largest) object's body is bodies[k]."""
+    reader = _reader(part_root)
+    wrapped = BodySubtypeLabels(reader, part_root, "train", BODIES, num_subcategories=4)
+    table = body_subtypes(part_root, "train")
+    seen = set()
+    for index, image_id in enumerate(reader.ids):
+        sample = wrapped[index]
+        bits = sample["sub_labels"].reshape(len(CLASS_NAMES) - 1, 4)
+        labels = np.asarray(sample["labels"]) > 0
+        assert labels.any()
+        for c, present in enumerate(labels):
+            expected = np.zeros(4)
+            if present:
+                expected[BODIES.index(table[image_id][c])] = 1
+                seen.add(table[image_id][c])
+            np.testing.assert_array_equal(bits[c], expected)
+        assert bits[:, 3].sum() == 0  # K larger than the bodies: the spare sub-category is never a label
+    assert len(seen) >= 2  # the set mixes bodies, so a constant label would have failed above
+
+
+def test_too_few_subcategories_or_no_part_set_is_refused(part_root, tmp_path):
+    reader = _reader(part_root)
+    with pytest.raises(SubtypeLabelsError, match="method.num_subcategories=2; set it to 3"):
+        BodySubtypeLabels(reader, part_root, "train", BODIES, num_subcategories=2)
+    with pytest.raises(SubtypeLabelsError, match=r"\['ring'\] are not in bodies"):
+        BodySubtypeLabels(reader, part_root, "train", ["disc", "bar"], num_subcategories=3)
+    plain = ensure_synthetic(tmp_path / "plain", num_images=8, size=64, seed=0, workers=1)
+    with pytest.raises(SubtypeLabelsError, match="needs a part set"):
+        BodySubtypeLabels(_reader(plain), plain, "train", BODIES, num_subcategories=3)
