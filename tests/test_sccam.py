@@ -312,6 +312,42 @@ def test_merged_cam_is_the_max_over_sub_categories_normalised_jointly():
     assert cams[0, 1].abs().max() == 0  # absent class
 
 
+class StrideTwoBackbone(nn.Module):
+    """A seeded conv at stride 2, so the CAMs are upsampled to the image as at inference."""
+
+    out_channels = [8]
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return [torch.relu(self.conv(x))]
+
+
+RELEASE_PRESENT = (2, 7, 15)  # 0-based foreground classes of the image (the release's 20 classes)
+
+
+def release_case() -> tuple[SCCAM, torch.Tensor, torch.Tensor]:
+    """SC-CAM with 20 foreground classes (the release's ``infer_utils`` loops over 20) and K = 3, merged
+    CAMs over 1.0 x flip, on a seeded 10 x 12 image with classes ``RELEASE_PRESENT``."""
+    torch.manual_seed(0)
+    model = SubCategoryCAMNet(StrideTwoBackbone(), num_classes=21, num_subcategories=3)
+    method = SCCAM(
+        model,
+        num_subcategories=3,
+        num_classes=21,
+        class_names=[f"c{i}" for i in range(21)],
+        schedule={},
+        inference={**config_inference(), "scales": [1.0], "flip": True},
+        cam_source="merged",
+    ).eval()
+    image = torch.randn(1, 3, 10, 12, generator=torch.Generator().manual_seed(1))
+    labels = torch.zeros(1, 20)
+    labels[0, list(RELEASE_PRESENT)] = 1
+    return method, image, labels
+
+
 def test_mismatched_k_between_method_and_model_is_rejected():
     model = SubCategoryCAMNet(TinyBackbone(), num_classes=3, num_subcategories=4)
     with pytest.raises(ValueError, match="num_subcategories=2"):
@@ -456,3 +492,36 @@ def test_round0_keeps_the_overrides_its_method_has_and_drops_sc_cam_only_ones():
         "method=cam",
         "data.train_wrappers=[]",
     ]
+
+
+# Release numbers: Juliachang/SC-CAM@191ec486 run on release_case() (its infer_cls.py pass loop - ReLU,
+# bilinear upsampling, sub-category label mask, flip back - then tool/infer_utils.cls200_cam_norm,
+# cam_npy_to_cam_dict and merge_200_cam_dict; train_cls.py:264-267 for the loss), 2026-12-04, torch 2.14.1.
+# Per present class: sum, sum of squares, pixel (3, 4), pixel (9, 0) of the merged CAM.
+RELEASE_MERGED = {
+    2: (38.29469828866422, 15.938876805914184, 0.3235487639904022, 0.07714851945638657),
+    7: (52.05089570581913, 28.34188003113399, 0.528704822063446, 0.09638144820928574),
+    15: (62.86111409217119, 38.07690422332348, 0.4715286195278168, 0.07796289771795273),
+}
+RELEASE_LOSS = {"cls_20": 0.6870713233947754, "cls_200": 0.6902287006378174}  # lambda 5: 4.138215065002441
+
+
+def test_merged_cams_and_loss_match_the_release_numbers():
+    """The merged sub-category CAM (max over K, one max per class block) and Eq. 3 as the release computes
+    them; the release's merged CAM equalled segexp's to 0.0 when recorded."""
+    method, image, labels = release_case()
+    cams = method.multiscale_cams(image, labels)[0].double()
+    for c, (total, squares, p34, p90) in RELEASE_MERGED.items():
+        assert cams[c].sum().item() == pytest.approx(total, rel=1e-6)
+        assert (cams[c] ** 2).sum().item() == pytest.approx(squares, rel=1e-6)
+        assert cams[c, 3, 4].item() == pytest.approx(p34, abs=1e-7)
+        assert cams[c, 9, 0].item() == pytest.approx(p90, abs=1e-7)
+    absent = [c for c in range(20) if c not in RELEASE_MERGED]
+    assert cams[absent].abs().max() == 0
+    sub = torch.zeros(1, 60)
+    for c, k in zip(RELEASE_MERGED, (1, 0, 2)):
+        sub[0, c * 3 + k] = 1
+    with torch.no_grad():  # eval mode: no dropout, so the release's pool-then-classify equals ours
+        terms = method.compute_losses({"image": image, "labels": labels, "sub_labels": sub})
+    assert terms["cls"].item() == pytest.approx(RELEASE_LOSS["cls_20"], rel=1e-6)
+    assert terms["sub"].item() == pytest.approx(5 * RELEASE_LOSS["cls_200"], rel=1e-6)
