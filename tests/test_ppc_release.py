@@ -160,3 +160,76 @@ def test_faithful_mode_differs_from_the_release_only_in_ecr_and_the_intra_view_t
             assert losses[term].item() != pytest.approx(expected, rel=1e-3), term
         else:
             assert losses[term].item() == pytest.approx(expected, rel=1e-6, abs=1e-7), term
+
+
+# -- FBR's variant of the PPC base (method=ppc_fbr) against XuYin94/FBR@fd1aeb85 ---------------------
+# Release numbers: FBR's module/train.py:get_contrast_loss run on _inputs() (cam_rv1/2, fg feats f1/f2,
+# gamma 0.10, bg_thres 0.10, as contrast_train calls it), 2026-12-04, torch 2.14.1, CPU (.cuda() made a
+# no-op; its FG-reco and memory-bank terms replaced by 0, the two cross terms read from its locals), and
+# util/imutils.py:ThresholdedAvgPool2d(0.10) on _tap_inputs(). Gradients: the two largest |d/d leaf|.
+RELEASE_FBR = {"ppc_cross": 0.16453677415847778, "ppc_cross_cam": 0.1649780124425888}
+RELEASE_FBR_GRADS = {
+    ("ppc_cross", "f1", 671): -4.660531703848392e-05,
+    ("ppc_cross", "f1", 1131): -4.3700041715055704e-05,
+    ("ppc_cross", "f2", 2570): -9.278790821554139e-05,
+    ("ppc_cross", "f2", 548): -8.533229265594855e-05,
+    ("ppc_cross_cam", "f1", 5783): -6.363758438965306e-05,
+    ("ppc_cross_cam", "f1", 5780): -5.5654487368883565e-05,
+    ("ppc_cross_cam", "f2", 268): -7.187142909970134e-05,
+    ("ppc_cross_cam", "f2", 292): -6.707172724418342e-05,
+}
+RELEASE_TAP = [
+    [-0.018519967794418335, -1.2437059879302979, -0.2817143201828003, 2.1778781414031982],
+    [-0.9915598630905151, -0.4677547216415405, -0.8866826295852661, 0.7081931829452515],
+]
+
+
+def _tap_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (2, 6, 5, 7) with a channel that has no positive value and one that is all 0, and a
+    1x1 classifier weight (4, 6, 1, 1)."""
+    g = torch.Generator().manual_seed(5)
+    feats = torch.randn(2, 6, 5, 7, generator=g)
+    feats[0, 2] = -torch.rand(5, 7, generator=g)
+    feats[1, 4] = 0.0
+    return feats, torch.randn(4, 6, 1, 1, generator=g)
+
+
+def test_fbr_variant_cross_terms_mask_the_background_as_the_fbr_release():
+    """PPC's cross-view terms with background pixels masked out (still divided by all pixels), on
+    FBR's settings under official_quirks: the release's values and gradients, and not PPC's."""
+    from segexp.losses.ppc import ppc_contrast_losses
+    from segexp.methods.ppc import PPCasFBR
+
+    x, _, labels = _inputs()
+    torch.manual_seed(0)
+    net = FBRNet(Backbone("resnet18", output_stride=8), num_classes=K + 1, background_first=True, pcm={},
+                 fbr={"dim": D, "background": False}, dropout=0.0)  # fmt: skip
+    method = PPCasFBR(model=net, num_classes=K + 1, class_names=[str(i) for i in range(K + 1)], schedule={},
+                      weights=config_weights("method=ppc_fbr"), view_size=VIEW, contrast_size=GRID2,
+                      official_quirks=True, inference=config_inference("method=ppc_fbr"))  # fmt: skip
+    assert method.mask_background and method.tap_threshold == pytest.approx(0.10)
+    views = tuple({"cam": x[f"cam{v}"][:, BG_FIRST], "cam_rv": x[f"rv{v}"][:, BG_FIRST], "f_proj": x[f"f{v}"]}
+                  for v in (1, 2))  # fmt: skip
+    grids = method.contrast_grids(views, labels)
+    cross, cross_cam = ppc_contrast_losses(grids[0], grids[1], method.temperature, method.mask_background)
+    terms = {"ppc_cross": method.weights["ppc_cross"] * cross,
+             "ppc_cross_cam": method.weights["ppc_cross_cam"] * cross_cam}  # fmt: skip
+    for term, expected in RELEASE_FBR.items():
+        assert terms[term].item() == pytest.approx(expected, rel=1e-6), term
+        assert abs(terms[term].item() - RELEASE[term]) > 0.1  # PPC's unmasked value is far off
+        grads = torch.autograd.grad(terms[term], [x["f1"], x["f2"]], retain_graph=True)
+        by_leaf = dict(zip(("f1", "f2"), grads))
+        for (t, leaf, i), want in RELEASE_FBR_GRADS.items():
+            if t == term:
+                got = by_leaf[leaf].flatten()[i].item()
+                assert got == pytest.approx(want, rel=1e-5, abs=1e-9), (term, leaf, i)
+
+
+def test_thresholded_average_pooling_is_the_fbr_release():
+    """TAP (0.10): per channel the mean of the values above 0.10 x its max, a channel with none giving 0."""
+    from segexp.losses.ppc import tap_logits
+
+    feats, weight = _tap_inputs()
+    # the release divides every pixel by the count before its 1x1 conv: equal to float rounding
+    expected = [pytest.approx(row, rel=1e-5, abs=1e-7) for row in RELEASE_TAP]
+    assert tap_logits(feats, weight, 0.10).tolist() == expected

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from segexp.losses.fbr import class_prototypes, contrast_pseudo_labels
+from segexp.losses.fbr import class_prototypes, contrast_pseudo_labels, region_masked_scores
 
 __all__ = [
     "thresholded_avg_pool",
@@ -133,18 +133,23 @@ def contrast_grid(
     bg_score: float = 0.10,
     top_fraction: float = 1 / 16,
     official_quirks: bool = False,
+    region_masked_prototypes: bool = False,
 ) -> ContrastGrid:
     """Resize ``f_proj`` / ``b_proj`` / the PCM output ``cam_rv`` of a view to ``size`` x ``size``
     (bilinear, align_corners) and derive pseudo labels and prototypes (``get_contrast_loss``;
     ``official_quirks``: its min-max arithmetic, see
-    :func:`~segexp.losses.fbr.contrast_pseudo_labels`)."""
+    :func:`~segexp.losses.fbr.contrast_pseudo_labels`). ``region_masked_prototypes``: the prototypes
+    read the scores with each class zeroed outside its pseudo-label region
+    (:func:`~segexp.losses.fbr.region_masked_scores`), as FBR's release does by a side effect; the
+    grid keeps the unmasked scores."""
 
     def grid(x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, (size, size), mode="bilinear", align_corners=True)
 
     f_proj = grid(out["f_proj"])
     scores, probs, pseudo = contrast_pseudo_labels(grid(out["cam_rv"]), labels, bg_score, official_quirks)
-    raw = class_prototypes(f_proj, scores, top_fraction, normalise=False)
+    proto_scores = region_masked_scores(scores, pseudo) if region_masked_prototypes else scores
+    raw = class_prototypes(f_proj, proto_scores, top_fraction, normalise=False)
     b_proj = grid(out["b_proj"]) if "b_proj" in out else None
     return ContrastGrid.of(f_proj, scores, probs, pseudo, raw, b_proj)
 

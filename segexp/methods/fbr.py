@@ -25,7 +25,7 @@ pixels in the pre-BN ``proj_bg`` space pushed into that view's FIFO bank (one ba
 released); the FBR terms are averaged over the two views.
 
 Paper-faithful (default) vs ``official_quirks: true``. Reading the released code
-(``XuYin94/FBR@fd1aeb85``, see ``/shared/methods/fbr.md`` section 5) shows five behaviours that
+(``XuYin94/FBR@fd1aeb85``, see ``/shared/methods/fbr.md`` section 5) shows six behaviours that
 differ from the paper's description:
 
 1. the pixel-to-NROI loss gets its anchors from ``f_proj.detach()`` built under ``no_grad`` - it
@@ -40,21 +40,24 @@ differ from the paper's description:
    beside raw NROI centroids; with the cosine of 2. the keys' scales matter, so this changes the
    (gradient-free, hence logged-only) NROI value;
 5. the contrast-grid min-max leaves pixels at a channel's minimum at ``-(min + 1e-5) / (max - min
-   + 1e-5)`` instead of 0 (:func:`~segexp.losses.seam.released_min_max`; same pseudo labels).
+   + 1e-5)`` instead of 0 (:func:`~segexp.losses.seam.released_min_max`; same pseudo labels);
+6. ``get_reliable_pseudo_label`` zeroes each class's scores outside its pseudo-label region *in
+   place*, so the prototypes computed afterwards read those zeroed scores
+   (:func:`~segexp.losses.fbr.region_masked_scores`; ``ContrastGrids.QUIRK_REGION_MASKED_PROTOTYPES``,
+   also on ``method=ppc_fbr``). On ``tests/test_ppc_release.py``'s seeded input it moves view 1's
+   prototypes by up to 0.014 and the cross-view terms by 1.4e-4 relative.
 
 Faithful mode computes the NROI contrast on non-detached L2-normalised ``proj_fg`` features of the
 uncertain pixels with the cosine over the feature dimension of each key against the L2-normalised
-prototype, and ECR as SEAM's. Quirks mode reproduces 1-5 (the FG active-sampling contrast has
-gradients in the released PPC variant and is the same in both modes - its cosine over D does not
-see the prototype's scale; in the released AMN variant it is detached too: ``FBRAMN``'s quirks
-mode reproduces that).
+prototype, ECR as SEAM's and prototypes from the unmasked scores. Quirks mode reproduces 1-6 (the FG
+active-sampling contrast has gradients in the released PPC variant and is the same in both modes - its
+cosine over D does not see the prototype's scale; in the released AMN variant it is detached too:
+``FBRAMN``'s quirks mode reproduces that).
 
 Choices where the release is ambiguous or undesirable (all documented in the code):
 
-* the released ``get_reliable_pseudo_label`` zeroes class scores outside each class's region *in
-  place*, which changes the scores used afterwards for the prototypes; here the prototypes use the
-  un-zeroed normalised scores (the background prototype - a top-k over a constant - is never a
-  positive; on the PPC base it stays one of the negatives of PPC's softmax, as released);
+* the background prototype - a top-k over a constant - is never a positive; on the PPC base it
+  stays one of the negatives of PPC's softmax, as released;
 * NROI k-means: batched torch k-means++ (one restart, up to 300 Lloyd iterations, seeded by the
   global step) instead of sklearn ``KMeans(8)`` per image (non-deterministic, CPU);
 * the bank is pushed before sampling (an empty bank gives 0 instead of the released NameError);
@@ -108,6 +111,7 @@ class FBRTerms:
     ``contrast_grids(views, labels)`` and ``base_losses(views, batch, grids)``."""
 
     TERMS: tuple[str, ...] = FBR_TERMS
+    QUIRK_REGION_MASKED_PROTOTYPES = True  # quirk 6 (module docstring)
 
     def __init__(
         self,

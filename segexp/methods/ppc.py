@@ -152,7 +152,14 @@ class ReleasedECRSlip:
 
 class ContrastGrids:
     """Mixin: both views on the contrast grid (features, pseudo labels, prototypes), the input
-    shared by PPC's prototype contrast and FBR's terms."""
+    shared by PPC's prototype contrast and FBR's terms.
+
+    ``QUIRK_REGION_MASKED_PROTOTYPES``: under ``official_quirks`` the prototypes read the scores with
+    each class zeroed outside its pseudo-label region - the in-place side effect of FBR's
+    ``get_reliable_pseudo_label`` (``XuYin94/FBR@fd1aeb85``, ``module/train.py``), absent from PPC's
+    release (``usr922/wseg``), so False here and True on FBR's methods."""
+
+    QUIRK_REGION_MASKED_PROTOTYPES: bool = False
 
     def __init__(
         self,
@@ -171,8 +178,9 @@ class ContrastGrids:
         self, views: tuple[dict[str, torch.Tensor], ...], labels: torch.Tensor
     ) -> list[ContrastGrid]:
         quirks = bool(getattr(self, "official_quirks", False))  # ReleasedECRSlip's flag
+        masked = quirks and self.QUIRK_REGION_MASKED_PROTOTYPES
         return [
-            contrast_grid(out, labels, self.contrast_size, self.bg_score, self.top_fraction, quirks)
+            contrast_grid(out, labels, self.contrast_size, self.bg_score, self.top_fraction, quirks, masked)
             for out in views
         ]
 
@@ -290,7 +298,10 @@ class PPCasFBR(PPC):
     """The PPC base as FBR's release runs it (``XuYin94/FBR@fd1aeb85``, ``method=ppc_fbr``; under
     ``method=fbr_ppc``): Thresholded Average Pooling (0.10) for ``cls``, background pixels masked
     out of both cross-view terms, and no PPC intra-view term (FBR puts its own ``fg`` term there).
-    Everything else - views, EPS, ER/ECR, pseudo labels, prototypes, inference - is PPC's."""
+    Everything else - views, EPS, ER/ECR, pseudo labels, prototypes, inference - is PPC's, except
+    that ``official_quirks`` also reproduces FBR's region-masked prototypes (:class:`ContrastGrids`)."""
+
+    QUIRK_REGION_MASKED_PROTOTYPES = True
 
     def __init__(
         self, *args: Any, tap_threshold: float | None = 0.10, mask_background: bool = True, **kwargs: Any
