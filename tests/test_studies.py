@@ -78,6 +78,10 @@ STUDIES = {
         ["rounds/0/cam/best_mIoU", "rounds/1/cam/best_mIoU", "rounds/1/clusters/subtype_purity"],
         {"variant": ["rounds", "k2", "k5"]},
     ),
+    "study_sccam_oracle": (
+        ["val/cam_best_mIoU", "val/cls_F1"],
+        {"variant": ["plain", "oracle", "oracle_merged"]},
+    ),
 }
 
 #: studies whose jobs are pipelines (`segexp.pipeline -m`), with the pipeline's own overrides
