@@ -300,7 +300,7 @@ def test_sod_bench_gives_one_test_loader_per_benchmark_set(tmp_path):
     from segexp.data.io import write_gray_png, write_jpeg
 
     cfg = compose(["data=sod_bench", f"paths.data_dir={tmp_path}", "data.num_workers=0",
-                   "data.eval_batch_size=2"], out_dir=tmp_path)
+                   "data.eval_batch_size=2", "data.expected_sizes=null"], out_dir=tmp_path)  # 2-image sets
     for name, node in cfg.data.test_sets.items():
         for k in range(3 if name == "SOD" else 2):
             write_jpeg(Path(node.root) / node.image_dir / f"im{k}.jpg", np.full((20, 24, 3), 90, np.uint8))

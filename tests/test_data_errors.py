@@ -96,3 +96,26 @@ def test_a_synthetic_set_still_being_written_is_waited_for_not_read(tmp_path):
         partial.setup("fit")
     check_data(cfg, partial, "fit")
     assert len(partial.datasets["train"]) == complete == len(images)
+
+
+def test_a_partly_copied_folder_data_set_stops_the_run_unless_a_subset_is_accepted(tmp_path):
+    """SOD / ADE20K readers list folders: a DUTS-TR holding 3 of its 10,553 images is refused by count,
+    naming the folder and the key; data.expected_sizes=null (or the split's entry) accepts a subset."""
+    import hydra
+    import numpy as np
+
+    from segexp.data.io import write_gray_png, write_jpeg
+
+    tr = tmp_path / "DUTS" / "DUTS-TR"
+    for k in range(3):
+        write_jpeg(tr / "DUTS-TR-Image" / f"im{k}.jpg", np.full((20, 24, 3), 90, np.uint8))
+        write_gray_png(tr / "DUTS-TR-Mask" / f"im{k}.png", np.full((20, 24), 255, np.uint8))
+    base = ["data=duts", f"paths.data_dir={tmp_path}", "data.num_workers=0"]
+    keys = {"train_keys": ["image", "saliency"], "eval_keys": ["image", "saliency"]}
+    dm = hydra.utils.instantiate(compose(base, out_dir=tmp_path).data, **keys)
+    refused = r"DUTS-TR-Image: split 'DUTS-TR' has 3 images, the official release 10553 \(data.expected_sizes"
+    with pytest.raises(DatasetError, match=refused):
+        dm.build_dataset("train")
+    for accept in ("data.expected_sizes=null", "data.expected_sizes.DUTS-TR=null"):
+        dm = hydra.utils.instantiate(compose([*base, accept], out_dir=tmp_path).data, **keys)
+        assert len(dm.build_dataset("train")) == 3

@@ -276,6 +276,7 @@ def run_check(cfg: Any) -> list[SplitReport]:
     limit = cfg.get("limit")
     reports, seen = [], set()
     make_reader = instantiate(data.reader)
+    expected = dict(data.get("expected_sizes") or {})
     for role in roles:
         if role not in data.splits:
             raise KeyError(f"data '{data.name}' has no split role {role!r}; it has {list(data.splits)}")
@@ -284,9 +285,19 @@ def run_check(cfg: Any) -> list[SplitReport]:
             continue
         seen.add(split)
         reports.append(check_split(make_reader, split, keys, limit, name=str(data.name)))
+        _check_size(reports[-1], expected.get(split))
     for set_name, node in (data.get("test_sets") or {}).items() if cfg.get("test_sets", True) else ():
         reports.append(check_split(instantiate(node), "test", keys, limit, name=f"{data.name}/{set_name}"))
+        _check_size(reports[-1], expected.get(set_name))
     return reports
+
+
+def _check_size(report: SplitReport, expected: int | None) -> None:
+    """A split with another count than the official release's (``data.expected_sizes``) is a problem:
+    training would refuse it (:class:`~segexp.data.datamodule.SegDataModule`)."""
+    if expected is not None and report.num_samples and report.num_samples != expected:
+        issue = f"{report.num_samples} images, the official release {expected} (data.expected_sizes)"
+        report.problems.insert(0, Problem(f"{report.name}:{report.split}", issue))
 
 
 def _main(cfg: Any) -> None:

@@ -8,6 +8,11 @@ here, at construction, before any model is built or file is read.
 ``train_wrappers``/``eval_wrappers`` are callables ``reader -> reader`` applied in order (label
 corruption, pseudo labels read from a stage cache, ...). A wrapper class that adds sample keys
 lists them in a class attribute ``adds`` so the key check knows about them.
+
+``expected_sizes`` (split or test-set name -> the official release's image count) guards the readers
+that list folders (SOD, ADE20K): a copy still in progress, or an archive unpacked in part, would
+otherwise be read as a smaller data set and trained on without a word. A split whose count differs
+stops the run; ``data.expected_sizes=null`` (or one name set to null) accepts a deliberate subset.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ class SegDataModule(pl.LightningDataModule):
         test_sets: Mapping[str, Callable[..., Dataset]] | None = None,
         min_box_visibility: float = 0.1,
         extra_maps: Mapping[str, str] | None = None,
+        expected_sizes: Mapping[str, int | None] | None = None,
     ):
         super().__init__()
         if len(class_names) != num_classes:
@@ -96,6 +102,7 @@ class SegDataModule(pl.LightningDataModule):
         # each called without a split; one test dataloader per set, in this order.
         self.test_sets = dict(test_sets or {})
         self.test_set_names = list(self.test_sets)
+        self.expected_sizes = dict(expected_sizes or {})
         self._check_keys()
         # per-pixel maps the wrappers add (declared by them) move with the image like the contract's
         declared = {
@@ -184,14 +191,25 @@ class SegDataModule(pl.LightningDataModule):
             reader = reader_factory(keys=keys)  # a test set's reader names its own folders
         else:
             reader = self.reader(split=self.splits[role], keys=keys)
+        where = getattr(reader, "name", None) if reader_factory is not None else self.splits[role]
+        self._check_size(reader, where)
         for wrap in wrappers:  # e.g. label noise (CAS), pseudo labels from a cached stage (Box2Seg, WSSS)
             reader = wrap(reader)
-        where = getattr(reader, "name", None) if reader_factory is not None else self.splits[role]
         if len(reader) == 0:
             raise ValueError(f"data '{self.name}': split '{where}' ({role}) has no images")
         transform = self.train_transform if role == "train" else self.eval_transform
         log.info("data %s: %s split '%s' has %d images", self.name, role, where, len(reader))
         return TransformedDataset(reader, transform)
+
+    def _check_size(self, reader: Dataset, where: str | None) -> None:
+        expected = self.expected_sizes.get(where)
+        if expected is None or len(reader) == expected:
+            return
+        root = getattr(reader, "image_dir", None) or getattr(reader, "root", None) or f"data '{self.name}'"
+        raise DatasetError(
+            f"{root}: split '{where}' has {len(reader)} images, the official release {expected} "
+            f"(data.expected_sizes); finish copying it, or set data.expected_sizes=null to use a subset"
+        )
 
     def _loader(self, role: str, shuffle: bool) -> DataLoader:
         if role not in self.datasets:
