@@ -199,3 +199,46 @@ def test_ldf_trains_on_shapes_sod_and_beats_a_constant_map(data_dir, tmp_path):
     print("LDF", {k: metrics[f"test/{k}"] for k in ("MAE", "S")}, "constant", const)
     assert metrics["test/MAE"] < const["MAE"]
     assert metrics["test/S"] > const["S"]
+
+
+# Release numbers: weijun88/LDF@d49ff024 train-coarse/train.py (iou_loss, lines 18-23, and the loss lines
+# 57-64) run on _release_inputs(), 2026-12-04, torch 2.14.1, CPU. Gradients: d loss / d out1 and out2.
+RELEASE_LDF = {"lossb1": 0.9821397066116333, "lossd1": 1.044958472251892, "loss1": 2.006826162338257,
+               "lossb2": 1.0837228298187256, "lossd2": 1.0853140354156494, "loss2": 2.019054412841797,
+               "loss": 4.1110076904296875}  # fmt: skip
+RELEASE_LDF_GRADS = {  # (output index, flat index): d loss / d output
+    (2, 73): -0.002156337955966592,
+    (2, 38): -0.0021553440019488335,
+    (2, 130): 0.001995871774852276,
+    (5, 27): -0.0021857907995581627,
+    (5, 6): -0.002185340039432049,
+    (5, 130): 0.0014739955076947808,
+}
+
+
+def _release_inputs():
+    """Six seeded logit maps (B 2), soft body / detail targets, and a binary mask whose second image is
+    empty (the IoU's +1 smoothing decides that image)."""
+    g = torch.Generator().manual_seed(7)
+    outs = [torch.randn(2, 1, 12, 10, generator=g) * 2 for _ in range(6)]
+    body, detail = torch.rand(2, 1, 12, 10, generator=g), torch.rand(2, 1, 12, 10, generator=g)
+    mask = (torch.rand(2, 1, 12, 10, generator=g) > 0.6).float()
+    mask[1] = 0.0
+    return outs, {"branch1": body, "branch2": detail, "saliency": mask}
+
+
+def test_loss_terms_and_gradients_match_the_release_numbers():
+    """Body + detail + saliency BCE + per-image IoU on both iterations, halved: the release's values."""
+    outs, targets = _release_inputs()
+    outs = [o.requires_grad_() for o in outs]
+    terms = LDFLoss()(outs, targets)
+    rel = RELEASE_LDF
+    assert terms["body"].item() == pytest.approx((rel["lossb1"] + rel["lossb2"]) / 2, rel=1e-6)
+    assert terms["detail"].item() == pytest.approx((rel["lossd1"] + rel["lossd2"]) / 2, rel=1e-6)
+    saliency = terms["sal_bce"] + terms["sal_iou"]
+    assert saliency.item() == pytest.approx((rel["loss1"] + rel["loss2"]) / 2, rel=1e-6)
+    total = sum(terms.values())
+    assert total.item() == pytest.approx(rel["loss"], rel=1e-6)
+    grads = torch.autograd.grad(total, [outs[2], outs[5]])
+    for (which, i), want in RELEASE_LDF_GRADS.items():
+        assert grads[0 if which == 2 else 1].flatten()[i].item() == pytest.approx(want, rel=1e-5, abs=1e-9)
