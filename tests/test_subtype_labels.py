@@ -1,12 +1,12 @@
-"""The oracle sub-category labels of the part set (segexp/data/subtype_labels.py)."""
+"""The oracle sub-category labels of the part set (segexp/stages/subtype_labels.py)."""
 
 import numpy as np
 import pytest
 
 from segexp.data.readers.voc import VOCSegmentation
-from segexp.data.subtype_labels import BodySubtypeLabels, SubtypeLabelsError
 from segexp.data.synth import CLASS_NAMES, body_subtypes, ensure_synthetic
 from segexp.data.testbed import Testbed
+from segexp.stages.subtype_labels import BodySubtypeLabels, SubtypeLabelsError
 
 BODIES = ["disc", "bar", "ring"]
 
