@@ -221,16 +221,22 @@ def test_learns_entities_of_synthetic_images_beyond_the_trivial_prediction():
 
 
 def test_mixed_reader_concatenates_sources_and_stuff_becomes_entities(tmp_path):
+    from segexp.data.io import DatasetError
     from tests.fixtures_formats import reader_from_config, write_ade_challenge, write_coco_panoptic
 
     coco = write_coco_panoptic(tmp_path / "coco", "train2017")
     ade = write_ade_challenge(tmp_path / "ADEChallengeData2016", "training")
+    no_shapes = {"reader.sources.shapes.splits.train": None}
+    keys = ["image", "instances"]
+    partial = r"has \d+ images, the official release 20210 \(data.reader.sources.ade.expected_sizes\)"
+    with pytest.raises(DatasetError, match=partial):
+        reader_from_config("coco_ade_mix", tmp_path, "train", keys=keys, overrides=no_shapes)
     reader = reader_from_config(
         "coco_ade_mix",
         tmp_path,
         "train",
         keys=["image", "instances"],
-        overrides={"reader.sources.shapes.splits.train": None},
+        overrides={**no_shapes, "reader.sources.ade.expected_sizes": None},  # the fixture is a 2-image ADE
     )
     assert len(reader) == len(coco) + len(ade)
     first = reader[0]

@@ -48,6 +48,18 @@ class TransformedDataset(Dataset):
         return self.transform(self.reader[index])
 
 
+def check_split_size(reader: Dataset, where: str | None, expected: int | None, key: str) -> None:
+    """``DatasetError`` when ``reader`` (split ``where``) does not hold the official release's ``expected``
+    image count, naming its folder and the config ``key`` that accepts a subset (module docstring)."""
+    if expected is None or len(reader) == expected:
+        return
+    place = getattr(reader, "image_dir", None) or getattr(reader, "root", None) or f"split '{where}'"
+    raise DatasetError(
+        f"{place}: split '{where}' has {len(reader)} images, the official release {expected} ({key}); "
+        f"finish copying it, or set {key}=null to use a subset"
+    )
+
+
 def _reader_class(reader: Callable) -> type:
     return reader.func if isinstance(reader, functools.partial) else reader
 
@@ -202,14 +214,7 @@ class SegDataModule(pl.LightningDataModule):
         return TransformedDataset(reader, transform)
 
     def _check_size(self, reader: Dataset, where: str | None) -> None:
-        expected = self.expected_sizes.get(where)
-        if expected is None or len(reader) == expected:
-            return
-        root = getattr(reader, "image_dir", None) or getattr(reader, "root", None) or f"data '{self.name}'"
-        raise DatasetError(
-            f"{root}: split '{where}' has {len(reader)} images, the official release {expected} "
-            f"(data.expected_sizes); finish copying it, or set data.expected_sizes=null to use a subset"
-        )
+        check_split_size(reader, where, self.expected_sizes.get(where), "data.expected_sizes")
 
     def _loader(self, role: str, shuffle: bool) -> DataLoader:
         if role not in self.datasets:
