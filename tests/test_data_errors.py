@@ -119,3 +119,17 @@ def test_a_partly_copied_folder_data_set_stops_the_run_unless_a_subset_is_accept
     for accept in ("data.expected_sizes=null", "data.expected_sizes.DUTS-TR=null"):
         dm = hydra.utils.instantiate(compose([*base, accept], out_dir=tmp_path).data, **keys)
         assert len(dm.build_dataset("train")) == 3
+
+
+def test_images_a_split_file_lists_but_the_disk_lacks_stop_the_run_before_training(broken_tree, tmp_path):
+    """VOC lists its images in split files: two deleted JPEGs are reported when the split is opened, the
+    first by name with the count of the others, not at the first missing one mid-epoch."""
+    data_dir, voc = broken_tree
+    ids = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    for image_id in ids[1:3]:
+        (voc / "JPEGImages" / f"{image_id}.jpg").unlink()
+    dm = _datamodule(data_dir, tmp_path)
+    first = voc / "JPEGImages" / f"{ids[1]}.jpg"
+    message = f"{first}: not found, nor 1 more of the {len(ids)} images split 'train' lists"
+    with pytest.raises(DatasetError, match=message):
+        dm.setup("fit")

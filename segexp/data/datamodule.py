@@ -13,6 +13,8 @@ lists them in a class attribute ``adds`` so the key check knows about them.
 that list folders (SOD, ADE20K): a copy still in progress, or an archive unpacked in part, would
 otherwise be read as a smaller data set and trained on without a word. A split whose count differs
 stops the run; ``data.expected_sizes=null`` (or one name set to null) accepts a deliberate subset.
+The readers that list their images in a file (VOC split files, COCO JSON) are checked for images the
+list names but the disk lacks, before training rather than at the first missing one, mid-run.
 """
 
 from __future__ import annotations
@@ -58,6 +60,21 @@ def check_split_size(reader: Dataset, where: str | None, expected: int | None, k
         f"{place}: split '{where}' has {len(reader)} images, the official release {expected} ({key}); "
         f"finish copying it, or set {key}=null to use a subset"
     )
+
+
+def check_listed_images(reader: Dataset, where: str | None) -> None:
+    """``DatasetError`` naming the first image that ``reader``'s list (``ids`` + ``image_path``: a VOC
+    split file, a COCO JSON) names but the disk lacks, with how many more are missing."""
+    ids, path_of = getattr(reader, "ids", None), getattr(reader, "image_path", None)
+    if ids is None or path_of is None:
+        return
+    missing = [path for path in map(path_of, ids) if not path.is_file()]
+    if missing:
+        raise DatasetError(
+            missing[0],
+            f"not found, nor {len(missing) - 1} more of the {len(ids)} images split '{where}' lists; finish "
+            "copying the data set (python -m segexp.data.check lists every problem)",
+        )
 
 
 def _reader_class(reader: Callable) -> type:
@@ -205,6 +222,7 @@ class SegDataModule(pl.LightningDataModule):
             reader = self.reader(split=self.splits[role], keys=keys)
         where = getattr(reader, "name", None) if reader_factory is not None else self.splits[role]
         self._check_size(reader, where)
+        check_listed_images(reader, where)
         for wrap in wrappers:  # e.g. label noise (CAS), pseudo labels from a cached stage (Box2Seg, WSSS)
             reader = wrap(reader)
         if len(reader) == 0:
