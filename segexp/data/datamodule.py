@@ -221,7 +221,7 @@ class SegDataModule(pl.LightningDataModule):
         else:
             reader = self.reader(split=self.splits[role], keys=keys)
         where = getattr(reader, "name", None) if reader_factory is not None else self.splits[role]
-        self._check_size(reader, where)
+        check_split_size(reader, where, self.expected_sizes.get(where), "data.expected_sizes")
         check_listed_images(reader, where)
         for wrap in wrappers:  # e.g. label noise (CAS), pseudo labels from a cached stage (Box2Seg, WSSS)
             reader = wrap(reader)
@@ -230,9 +230,6 @@ class SegDataModule(pl.LightningDataModule):
         transform = self.train_transform if role == "train" else self.eval_transform
         log.info("data %s: %s split '%s' has %d images", self.name, role, where, len(reader))
         return TransformedDataset(reader, transform)
-
-    def _check_size(self, reader: Dataset, where: str | None) -> None:
-        check_split_size(reader, where, self.expected_sizes.get(where), "data.expected_sizes")
 
     def _loader(self, role: str, shuffle: bool) -> DataLoader:
         if role not in self.datasets:

@@ -57,7 +57,7 @@ class BodySubtypeLabels(ReaderWrapper):
             table = body_subtypes(root, split)
         except (OSError, ValueError) as err:
             raise SubtypeLabelsError(
-                f"data.train_wrappers: BodySubtypeLabels needs a part set: {err}"
+                f"data.train_wrappers: BodySubtypeLabels needs a part set (testbed=parts): {err}"
             ) from err
         unknown = {b for row in table.values() for b in row if b and b not in bodies}
         if unknown:
