@@ -130,6 +130,17 @@ def test_images_a_split_file_lists_but_the_disk_lacks_stop_the_run_before_traini
         (voc / "JPEGImages" / f"{image_id}.jpg").unlink()
     dm = _datamodule(data_dir, tmp_path)
     first = voc / "JPEGImages" / f"{ids[1]}.jpg"
-    message = f"{first}: not found, nor 1 more of the {len(ids)} images split 'train' lists"
+    message = f"{first}: not found, nor the files of 1 more of the {len(ids)} images split 'train' lists"
     with pytest.raises(DatasetError, match=message):
+        dm.setup("fit")
+
+
+def test_a_listed_image_without_its_mask_stops_the_run_before_training(broken_tree, tmp_path):
+    """A mask missing from SegmentationClass is found when the split opens, not when its sample is read."""
+    data_dir, voc = broken_tree
+    ids = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    mask = voc / "SegmentationClass" / f"{ids[-1]}.png"
+    mask.unlink()
+    dm = _datamodule(data_dir, tmp_path)
+    with pytest.raises(DatasetError, match=f"{mask}: not found, nor the files of 0 more"):
         dm.setup("fit")

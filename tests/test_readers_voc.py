@@ -218,6 +218,31 @@ def test_sbd_fallback_for_ids_missing_from_voc2012(voc_aug, tmp_path):
         VOCSegmentation(root, "train_aug", split_dir="ImageSets/SegmentationAug", keys=["boxes"])[2]
 
 
+def test_missing_file_accepts_either_form_of_an_annotation(voc_aug, tmp_path):
+    """What the datamodule checks before training: a file counts as present in any form ``load`` reads
+    (VOC's PNG / XML or SBD's .mat), and only the files the keys need are asked for."""
+    from fixtures_formats import SBD_ID
+
+    root, _, _ = voc_aug
+    sbd_root = tmp_path / "SBD" / "benchmark_RELEASE" / "dataset"
+    aug = {"split_dir": "ImageSets/SegmentationAug"}
+    every = ["mask", "instances", "boxes"]
+    with_sbd = VOCSegmentation(root, "train_aug", keys=every, sbd_root=sbd_root, **aug)
+    assert [with_sbd.missing_file(i) for i in with_sbd.ids] == [None, None, None]
+    for keys, missing in (
+        (["boxes"], f"Annotations/{SBD_ID}.xml"),
+        (["instances"], f"SegmentationObject/{SBD_ID}.png"),
+        (["mask"], f"SegmentationClass/{SBD_ID}.png"),
+    ):
+        reader = VOCSegmentation(root, "train_aug", keys=keys, **aug)
+        assert reader.missing_file(reader.ids[0]) is None
+        assert reader.missing_file(SBD_ID) == root / missing
+    image_only = VOCSegmentation(root, "train_aug", keys=["image"], **aug)
+    assert image_only.missing_file(SBD_ID) is None  # no annotation asked for
+    (sbd_root / "cls" / f"{SBD_ID}.mat").unlink()
+    assert with_sbd.missing_file(SBD_ID) == root / "SegmentationClass" / f"{SBD_ID}.png"
+
+
 def test_malformed_sbd_mat(voc_aug, tmp_path):
     from fixtures_formats import SBD_ID
     from scipy.io import savemat

@@ -63,18 +63,27 @@ def check_split_size(reader: Dataset, where: str | None, expected: int | None, k
 
 
 def check_listed_images(reader: Dataset, where: str | None) -> None:
-    """``DatasetError`` naming the first image that ``reader``'s list (``ids`` + ``image_path``: a VOC
-    split file, a COCO JSON) names but the disk lacks, with how many more are missing."""
-    ids, path_of = getattr(reader, "ids", None), getattr(reader, "image_path", None)
-    if ids is None or path_of is None:
+    """``DatasetError`` naming the first file that ``reader``'s list (``ids``: a VOC split file, a COCO
+    JSON) needs but the disk lacks - the image, or the annotation its ``missing_file`` names - with how
+    many more listed images miss a file."""
+    ids = getattr(reader, "ids", None)
+    missing_file = getattr(reader, "missing_file", None)
+    if missing_file is None and hasattr(reader, "image_path"):
+        missing_file = functools.partial(_missing_image, reader.image_path)
+    if ids is None or missing_file is None:
         return
-    missing = [path for path in map(path_of, ids) if not path.is_file()]
+    missing = [path for path in map(missing_file, ids) if path is not None]
     if missing:
         raise DatasetError(
             missing[0],
-            f"not found, nor {len(missing) - 1} more of the {len(ids)} images split '{where}' lists; finish "
-            "copying the data set (python -m segexp.data.check lists every problem)",
+            f"not found, nor the files of {len(missing) - 1} more of the {len(ids)} images split '{where}' "
+            "lists; finish copying the data set (python -m segexp.data.check lists every problem)",
         )
+
+
+def _missing_image(path_of: Callable[[str], Path], image_id: str) -> Path | None:
+    path = path_of(image_id)
+    return None if path.is_file() else path
 
 
 def _reader_class(reader: Callable) -> type:

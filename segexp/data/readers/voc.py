@@ -221,6 +221,31 @@ class VOCSegmentation(Reader):
         path = self.sbd_root / kind / f"{image_id}.mat"
         return path if path.is_file() else None
 
+    def _annotations_needed(self) -> tuple[bool, bool]:
+        """(mask, xml): whether ``keys`` makes ``load`` read the class mask and the XML."""
+        want = self.keys
+        need_mask = "mask" in want or ("labels" in want and self.labels_from == "mask")
+        need_xml = bool({"boxes", "box_labels", "box_difficult"} & want) or (
+            "labels" in want and self.labels_from == "xml"
+        )
+        return need_mask, need_xml
+
+    def missing_file(self, image_id: str) -> Path | None:
+        """The first file ``load`` would read for ``image_id`` that the disk has in none of the forms it
+        accepts (PNG / XML, or SBD's .mat), else None: so an incomplete copy stops when the split opens."""
+        need_mask, need_xml = self._annotations_needed()
+        wanted = [(self.image_path(image_id), None)]
+        if need_mask:
+            wanted.append((self.mask_path(image_id), "cls"))
+        if "instances" in self.keys:
+            wanted.append((self.object_path(image_id), "inst"))
+        if need_xml:
+            wanted.append((self.xml_path(image_id), "inst"))
+        for path, sbd_kind in wanted:
+            if not path.is_file() and (sbd_kind is None or self.sbd_path(sbd_kind, image_id) is None):
+                return path
+        return None
+
     # Decoding --------------------------------------------------------------------------------
     def read_image(self, image_id: str) -> np.ndarray:
         path = self.image_path(image_id)
@@ -271,10 +296,7 @@ class VOCSegmentation(Reader):
         image = self.read_image(image_id)
         sample: dict[str, Any] = {"image": image}
         want = self.keys
-        need_mask = "mask" in want or ("labels" in want and self.labels_from == "mask")
-        need_xml = bool({"boxes", "box_labels", "box_difficult"} & want) or (
-            "labels" in want and self.labels_from == "xml"
-        )
+        need_mask, need_xml = self._annotations_needed()
         if need_mask:
             sample["mask"] = self.read_mask(image_id, image)
         if "instances" in want:
