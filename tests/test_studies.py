@@ -82,6 +82,10 @@ STUDIES = {
         ["val/cam_best_mIoU", "val/cls_F1"],
         {"variant": ["plain", "oracle", "oracle_merged"]},
     ),
+    "study_sccam_oracle_px128": (
+        ["val/cam_best_mIoU", "val/cls_F1"],
+        {"variant": ["plain", "oracle", "shuffled"]},
+    ),
 }
 
 #: studies whose jobs are pipelines (`segexp.pipeline -m`), with the pipeline's own overrides

@@ -44,6 +44,23 @@ def test_each_present_class_gets_the_bit_of_its_true_body(part_root):
     assert len(seen) >= 2  # the set mixes bodies, so a constant label would have failed above
 
 
+def test_the_shuffled_control_keeps_each_class_counts_but_not_the_bodies(part_root):
+    """The control deals each class's sub-types to its images in a random order: the parent labels and the
+    per-class sub-type counts are those of the true labels, the image-by-image sub-types are not."""
+    reader = _reader(part_root)
+    k = 3
+
+    def sub_labels(**shuffle):
+        wrapped = BodySubtypeLabels(reader, part_root, "train", BODIES, num_subcategories=k, **shuffle)
+        return np.stack([wrapped[i]["sub_labels"] for i in range(len(reader))])
+
+    a, b = sub_labels(), sub_labels(shuffle=True, seed=1)
+    np.testing.assert_array_equal(a.reshape(len(a), -1, k).sum(2), b.reshape(len(b), -1, k).sum(2))
+    np.testing.assert_array_equal(a.sum(0), b.sum(0))  # each (class, sub-type) as often
+    assert (a != b).any(axis=1).sum() >= 2  # yet some images' sub-types moved
+    np.testing.assert_array_equal(b, sub_labels(shuffle=True, seed=1))
+
+
 def test_too_few_subcategories_or_no_part_set_is_refused(part_root, tmp_path):
     reader = _reader(part_root)
     with pytest.raises(SubtypeLabelsError, match="method.num_subcategories=2; set it to 3"):

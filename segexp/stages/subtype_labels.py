@@ -7,6 +7,9 @@ failure there cannot tell a weak clustering from a mechanism that does not work.
 gives the network the sub-categories the clustering is meant to recover - sub-category ``k`` of class
 ``c`` is the ``k``-th entry of ``bodies`` - so the sub-category term is measured with perfect clusters
 (an upper bound of what any clustering could give it). It is a probe, not part of the method.
+``shuffle=True`` is its control: each class's true sub-types dealt to that class's images in a random
+order (the same counts per class, no link to the image's body), so a gain that comes from the extra
+C * K-way head and its gradient, not from the sub-types, shows there too.
 
 The sub-types are read from the root's COCO instances (``attributes.body``, written by
 :mod:`segexp.data.synth`); the parent labels stay the reader's own, so the label vector is SC-CAM's
@@ -26,7 +29,7 @@ from segexp.data.synth import body_subtypes
 from segexp.stages.subcategory import subcategory_labels
 from segexp.utils.errors import UserError
 
-__all__ = ["BodySubtypeLabels", "SubtypeLabelsError"]
+__all__ = ["BodySubtypeLabels", "SubtypeLabelsError", "shuffled_per_class"]
 
 
 class SubtypeLabelsError(UserError, ValueError):
@@ -41,12 +44,15 @@ class BodySubtypeLabels(ReaderWrapper):
         split: the COCO split the reader reads (``data.splits.train``).
         bodies: the sub-type names in sub-category order (``data.prepare.testbed.parts.bodies``).
         num_subcategories: K of the method; at least ``len(bodies)``.
+        shuffle: the control (module doc): each class's sub-types permuted over its images.
+        seed: of that permutation (the run's seed).
     """
 
     adds: ClassVar[tuple[str, ...]] = ("sub_labels",)
 
     def __init__(self, reader: Any, root: str | os.PathLike, split: str, bodies: Sequence[str],
-                 num_subcategories: int, key: str = "sub_labels"):  # fmt: skip
+                 num_subcategories: int, key: str = "sub_labels", shuffle: bool = False,
+                 seed: int = 0):  # fmt: skip
         bodies = list(bodies)
         if num_subcategories < len(bodies):
             raise SubtypeLabelsError(
@@ -76,6 +82,8 @@ class BodySubtypeLabels(ReaderWrapper):
         self.num_subcategories = int(num_subcategories)
         index = {b: k for k, b in enumerate(bodies)}
         self.clusters = {i: np.array([index.get(b, -1) for b in row], np.int64) for i, row in table.items()}
+        if shuffle:
+            self.clusters = shuffled_per_class(self.clusters, seed)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.reader[index]
@@ -87,3 +95,14 @@ class BodySubtypeLabels(ReaderWrapper):
         except ValueError as err:  # a class in the image-level labels without an annotated object
             raise SubtypeLabelsError(f"image {image_id}: {err}") from err
         return sample
+
+
+def shuffled_per_class(clusters: dict[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """Per class, its images' sub-types (entries >= 0) in a random order: counts kept, bodies unlinked."""
+    rng = np.random.default_rng(seed)
+    ids = list(clusters)
+    table = np.stack([clusters[i] for i in ids])
+    for c in range(table.shape[1]):
+        rows = np.flatnonzero(table[:, c] >= 0)
+        table[rows, c] = table[rng.permutation(rows), c]
+    return dict(zip(ids, table))
