@@ -86,6 +86,10 @@ STUDIES = {
         ["val/cam_best_mIoU", "val/cls_F1"],
         {"variant": ["plain", "oracle", "shuffled"]},
     ),
+    "study_sccam_classbodies": (
+        ["val/cam_best_mIoU", "val/cls_F1"],
+        {"variant": ["plain", "oracle", "shuffled"]},
+    ),
 }
 
 #: studies whose jobs are pipelines (`segexp.pipeline -m`), with the pipeline's own overrides

@@ -61,11 +61,31 @@ def test_the_shuffled_control_keeps_each_class_counts_but_not_the_bodies(part_ro
     np.testing.assert_array_equal(b, sub_labels(shuffle=True, seed=1))
 
 
+def test_class_specific_bodies_number_each_class_sub_types_within_its_window(tmp_path):
+    """With class_bodies 2, class c's sub-type k is the k-th body of its window, so K = 2 suffices and the
+    same body is sub-type 0 of one class and sub-type 1 of the previous one."""
+    names = ["disc", "bar", "ring", "plate", "half"]
+    testbed = Testbed.from_dict({"parts": {"bodies": names, "class_bodies": 2}, "count": [1, 1]})
+    root = ensure_synthetic(tmp_path / "cb", num_images=30, size=64, seed=1, testbed=testbed, workers=1)
+    reader = _reader(root)
+    wrapped = BodySubtypeLabels(reader, root, "train", names, num_subcategories=2, class_bodies=2)
+    table = body_subtypes(root, "train")
+    for index, image_id in enumerate(reader.ids):
+        c = int(np.flatnonzero(np.asarray(wrapped[index]["labels"]))[0])
+        bits = wrapped[index]["sub_labels"].reshape(len(CLASS_NAMES) - 1, 2)
+        assert bits.sum() == 1 and bits[c].sum() == 1
+        assert [names[c], names[(c + 1) % 5]].index(table[image_id][c]) == int(np.argmax(bits[c]))
+    with pytest.raises(SubtypeLabelsError, match="set it to 2"):
+        BodySubtypeLabels(reader, root, "train", names, num_subcategories=1, class_bodies=2)
+    with pytest.raises(SubtypeLabelsError, match="not one of its sub-types"):  # read as 3 neutral bodies
+        BodySubtypeLabels(reader, root, "train", names[:3], num_subcategories=3)
+
+
 def test_too_few_subcategories_or_no_part_set_is_refused(part_root, tmp_path):
     reader = _reader(part_root)
     with pytest.raises(SubtypeLabelsError, match="method.num_subcategories=2; set it to 3"):
         BodySubtypeLabels(reader, part_root, "train", BODIES, num_subcategories=2)
-    with pytest.raises(SubtypeLabelsError, match=r"\['ring'\] are not in bodies"):
+    with pytest.raises(SubtypeLabelsError, match=r"body 'ring', not one of its sub-types \['disc', 'bar'\]"):
         BodySubtypeLabels(reader, part_root, "train", ["disc", "bar"], num_subcategories=3)
     plain = ensure_synthetic(tmp_path / "plain", num_images=8, size=64, seed=0, workers=1)
     with pytest.raises(SubtypeLabelsError, match="needs a part set"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from segexp.data import synth
+from segexp.data import mechanisms, synth
 from segexp.data.io import read_label_png
 from segexp.data.synth import CLASS_NAMES, STUFF_NAMES, SynthLayout, ensure_synthetic, render_sample
 from segexp.data.testbed import LEGACY, Testbed
@@ -157,13 +157,37 @@ def test_parts_badge_lies_on_its_body_and_gt_is_body_plus_badge(tmp_path):
             ratios.append(badge.sum() / whole.sum())
             x0, y0, x1, y1 = s.boxes[k - 1].astype(int)
             assert (badge[y0:y1, x0:x1].sum() == badge.sum()) and (whole & ~badge).sum() > badge.sum()
-    assert bodies == {"disc", "bar", "ring"}
+    assert bodies == {"disc", "bar", "ring"}  # the default: three class-neutral bodies
     assert 0.05 < np.median(ratios) < 0.35  # a CAM on the badge covers a small part of the object
     root = ensure_synthetic(tmp_path / "p", num_images=5, size=64, workers=1, testbed=testbed)
     ann = json.loads(SynthLayout(root).coco_instances_json("train").read_text())["annotations"]
     assert {a["attributes"]["body"] for a in ann} <= {"disc", "bar", "ring"} and all(
         "badge" in a["attributes"] for a in ann
     )
+
+
+def test_class_specific_bodies_come_from_each_class_window_and_stay_within_the_object_radius():
+    """class_bodies 2 over five bodies: class c draws only bodies[c], bodies[c+1] (cyclic), so each body is
+    shared by exactly two classes; every body lies within its radius (as inside_frame's margin assumes)."""
+    names = ["disc", "bar", "ring", "plate", "half"]
+    testbed = Testbed(parts={"bodies": names, "class_bodies": 2}, count=(1, 1))
+    seen = {}
+    for index in range(120):
+        s = render_sample(index, 96, SEED, testbed)
+        seen.setdefault(s.classes[0], set()).add(s.bodies[0])
+        badge, whole = s.badges == 1, s.instances == 1
+        assert badge.any() and (whole & ~badge).sum() > badge.sum()
+    assert seen == {c: {names[c - 1], names[c % 5]} for c in range(1, 6)}
+    for body in names:
+        centre, radius = np.array([48.0, 48.0]), 30.0
+        ys, xs = np.nonzero(mechanisms.body_mask(96, body, centre, radius, 0.7))
+        assert np.hypot(xs - 48, ys - 48).max() <= radius + 1.5
+        badge_at = mechanisms.badge_centre(np.random.default_rng(0), body, centre, radius, 0.4 * radius, 0.7)
+        filled = "disc" if body == "ring" else body  # a ring's badge sits in its hole
+        outline = mechanisms.body_mask(96, filled, centre, radius, 0.7)
+        assert outline[int(badge_at[1]), int(badge_at[0])]
+    with pytest.raises(ValueError, match=r"class_bodies must lie in \[0, 3\]"):
+        Testbed(parts={"class_bodies": 4})
 
 
 def test_clutter_blobs_lie_inside_the_box_touch_the_object_and_are_background():

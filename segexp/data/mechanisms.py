@@ -38,8 +38,19 @@ def fixed_stuff_texture(rng: np.random.Generator, size: int, kind: str) -> np.nd
     return np.broadcast_to(shade, (size, size))[..., None] * rgb
 
 
+# Half-disc body: its straight edge's midpoint sits HALF_OFFSET R behind the centre and its radius is
+# HALF_RADIUS R, so every point stays within R of the centre (sqrt(0.3^2 + 0.95^2) < 1), as for all bodies.
+HALF_RADIUS, HALF_OFFSET = 0.95, 0.3
+PLATE_HALF_SIDE = 0.7  # x R: the square's corners stay within R of the centre
+
+
+def _unit(angle: float) -> np.ndarray:
+    return np.array([math.cos(angle), math.sin(angle)])
+
+
 def body_mask(size: int, body: str, centre: np.ndarray, radius: float, angle: float) -> np.ndarray:
-    """Boolean mask of a class-neutral body: disc (radius R), bar (2R x R, rounded) or ring (R, hole R/2)."""
+    """Boolean mask of a body, all within ``radius`` of ``centre``: disc (radius R), bar (2R x R,
+    rounded), ring (R, hole R/2), plate (square of side 1.4R) or half (half-disc of radius 0.95R)."""
     mask = np.zeros((size, size), dtype=np.uint8)
     c = (float(centre[0]), float(centre[1]))
     if body == "disc":
@@ -47,9 +58,18 @@ def body_mask(size: int, body: str, centre: np.ndarray, radius: float, angle: fl
     elif body == "ring":
         cv2.ellipse(mask, (c, (2 * radius, 2 * radius), 0.0), 1, -1)
         cv2.ellipse(mask, (c, (radius, radius), 0.0), 0, -1)
+    elif body == "plate":
+        side = 2 * PLATE_HALF_SIDE * radius
+        corners = cv2.boxPoints((c, (side, side), math.degrees(angle)))
+        cv2.fillPoly(mask, [np.round(corners).astype(np.int32)], 1)
+    elif body == "half":  # the half of a disc on the side `angle` points to
+        base = centre - HALF_OFFSET * radius * _unit(angle)
+        arc = np.linspace(angle - math.pi / 2, angle + math.pi / 2, 48)
+        points = base + HALF_RADIUS * radius * np.stack([np.cos(arc), np.sin(arc)], axis=1)
+        cv2.fillPoly(mask, [np.round(points).astype(np.int32)], 1)
     else:  # bar: a rounded rectangle of half-length R and half-width R/2
         half = radius / 2
-        direction = np.array([math.cos(angle), math.sin(angle)])
+        direction = _unit(angle)
         ends = [centre + (radius - half) * direction, centre - (radius - half) * direction]
         for end in ends:
             cv2.ellipse(mask, ((float(end[0]), float(end[1])), (2 * half, 2 * half), 0.0), 1, -1)
@@ -60,15 +80,21 @@ def body_mask(size: int, body: str, centre: np.ndarray, radius: float, angle: fl
 
 def badge_centre(rng: np.random.Generator, body: str, centre: np.ndarray, radius: float, badge: float,
                  angle: float) -> np.ndarray:  # fmt: skip
-    """Where a badge of radius ``badge`` sits so that it stays inside its body's outline."""
+    """Where a badge of radius ``badge`` sits so that it stays inside its body's outline (as far as the
+    body's inscribed circle allows)."""
     if body == "ring":
         return centre  # in the hole: the ring band is too thin for it
     if body == "bar":  # along the axis: the half-round ends (radius R/2 >= badge) still enclose it
         room = 0.6 * radius / 2
-        return centre + rng.uniform(-room, room) * np.array([math.cos(angle), math.sin(angle)])
-    room = max(0.0, radius - badge) * 0.6
-    theta = rng.uniform(0, 2 * math.pi)
-    return centre + rng.uniform(0, room) * np.array([math.cos(theta), math.sin(theta)])
+        return centre + rng.uniform(-room, room) * _unit(angle)
+    if body == "half":  # around the half-disc's inscribed circle (radius 0.475 R)
+        inner = HALF_RADIUS * radius / 2
+        centre = centre + (inner - HALF_OFFSET * radius) * _unit(angle)
+        room = max(0.0, inner - badge) * 0.6
+    else:  # disc, plate
+        room = max(0.0, (PLATE_HALF_SIDE if body == "plate" else 1.0) * radius - badge) * 0.6
+    theta = rng.uniform(0, 2 * math.pi)  # drawn before the distance, as the first part sets were
+    return centre + rng.uniform(0, room) * _unit(theta)
 
 
 def clutter_blobs(

@@ -293,7 +293,8 @@ def _draw_shape(rng: np.random.Generator, size: int, testbed: Testbed, class_ind
         return _Shape(
             class_index, centre, radius, angle, _rasterise_shape(size, class_index, centre, radius, angle)
         )
-    body = testbed.parts.bodies[int(rng.integers(len(testbed.parts.bodies)))]
+    bodies = testbed.parts.bodies_of(class_index)
+    body = bodies[int(rng.integers(len(bodies)))]
     badge_radius = rng.uniform(*testbed.parts.badge_scale) * radius
     where = mechanisms.badge_centre(rng, body, centre, radius, badge_radius, angle)
     badge = _rasterise_shape(size, class_index, where, badge_radius, rng.uniform(0, 2 * math.pi))

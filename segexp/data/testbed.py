@@ -13,7 +13,8 @@ hundreds of steps on a CPU. ``LEGACY`` is the format-1 rendering (textured, colo
 
 Mechanisms (each ``None`` = off):
 - ``cooc``: co-occurring background (FBR): a class sits on a fixed-appearance stuff.
-- ``parts``: a discriminative badge on a class-neutral body with sub-types (SEAM, SC-CAM).
+- ``parts``: a discriminative badge on a body with sub-types (SEAM, SC-CAM): class-neutral bodies, or
+  each class drawing from its own window of bodies (``class_bodies``).
 - ``clutter``: object-coloured blobs touching the object inside its box (Box2Seg).
 - ``sod_noise``: wrong saliency labels in the training split's SOD masks (CAS).
 """
@@ -30,7 +31,7 @@ from typing import Any
 STYLES = ("textured", "plain")
 CONTRASTS = ("none", "bright")
 FIXED_STUFF = ("water", "grass")  # stuff kinds with a fixed appearance, drawn only by `cooc`
-BODIES = ("disc", "bar", "ring")
+BODIES = ("disc", "bar", "ring", "plate", "half")
 SOD_NOISE_KINDS = ("fp_stuff", "fn_part", "dilate", "drop_object")
 SHAPE_CLASSES = ("circle", "square", "triangle", "star", "cross")  # synth.CLASS_NAMES[1:]
 
@@ -79,22 +80,49 @@ class Cooc:
 
 @dataclass(frozen=True)
 class Parts:
-    """Discriminative part (SEAM/SC-CAM): each object is a class-neutral body carrying a small badge
-    whose shape is the class. GT = body + badge, so a CAM that finds only the badge is incomplete.
-    The body sub-type (disc | bar | ring) is independent of the class: SC-CAM's sub-categories."""
+    """Discriminative part (SEAM/SC-CAM): each object is a body carrying a small badge whose shape is
+    the class. GT = body + badge, so a CAM that finds only the badge is incomplete. The body sub-type
+    (disc | bar | ring | plate | half) is SC-CAM's sub-category.
 
-    bodies: tuple[str, ...] = BODIES
+    ``class_bodies`` 0: any body for any class, so the body is class-neutral and a classifier never needs
+    it. ``class_bodies`` k >= 1: class c draws its body from its own window of k consecutive ``bodies``
+    (cyclic, :func:`class_body_window`), so with k = 2 and 5 bodies each body is shared by two classes: the
+    body says something about the class, less than the badge, and telling a class's sub-types apart needs
+    body features that are also class evidence - the situation SC-CAM's sub-categories are meant for.
+    """
+
+    bodies: tuple[str, ...] = BODIES[:3]
     badge_scale: tuple[float, float] = (0.35, 0.5)  # badge radius / body radius
+    class_bodies: int = 0
 
     def __post_init__(self) -> None:
         bodies = tuple(self.bodies)
-        if not bodies or any(b not in BODIES for b in bodies):
-            raise ValueError(f"testbed.parts.bodies must be a non-empty subset of {BODIES}, got {bodies}")
+        if not bodies or any(b not in BODIES for b in bodies) or len(set(bodies)) != len(bodies):
+            raise ValueError(f"testbed.parts.bodies must be distinct names from {BODIES}, got {bodies}")
         object.__setattr__(self, "bodies", bodies)
         low, high = _pair(self.badge_scale, float, "parts.badge_scale")
         if not 0.1 <= low <= high <= 0.6:
             raise ValueError(f"testbed.parts.badge_scale must lie in [0.1, 0.6], got {self.badge_scale}")
         object.__setattr__(self, "badge_scale", (low, high))
+        if not 0 <= int(self.class_bodies) <= len(bodies):
+            raise ValueError(
+                f"testbed.parts.class_bodies must lie in [0, {len(bodies)}] (0 = class-neutral bodies; at "
+                f"most len(bodies)), got {self.class_bodies}"
+            )
+        object.__setattr__(self, "class_bodies", int(self.class_bodies))
+
+    def bodies_of(self, class_index: int) -> tuple[str, ...]:
+        """The bodies an object of ``class_index`` (1-based, as in the masks) may have."""
+        return class_body_window(self.bodies, self.class_bodies, class_index - 1)
+
+
+def class_body_window(bodies: tuple[str, ...] | list[str], class_bodies: int, c: int) -> tuple[str, ...]:
+    """Class ``c``'s (0-based) bodies in sub-type order: all ``bodies`` when ``class_bodies`` is 0, else
+    the ``class_bodies`` consecutive entries from position ``c`` on, wrapping around."""
+    bodies = tuple(bodies)
+    if class_bodies == 0:
+        return bodies
+    return tuple(bodies[(c + j) % len(bodies)] for j in range(class_bodies))
 
 
 @dataclass(frozen=True)

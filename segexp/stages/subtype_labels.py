@@ -5,8 +5,9 @@ the classifier on them too. On the testbed's part set the clusters it finds bare
 sub-types (purity 0.42-0.45 against 0.39 for one cluster per class, ``experiments/study_sccam``), so a
 failure there cannot tell a weak clustering from a mechanism that does not work. This train wrapper
 gives the network the sub-categories the clustering is meant to recover - sub-category ``k`` of class
-``c`` is the ``k``-th entry of ``bodies`` - so the sub-category term is measured with perfect clusters
-(an upper bound of what any clustering could give it). It is a probe, not part of the method.
+``c`` is the ``k``-th body class ``c`` may have (the ``k``-th of ``bodies``, or of the class's window where
+the set's bodies are class-specific, ``testbed.parts.class_bodies``) - so the sub-category term is measured
+with perfect clusters (an upper bound of what any clustering could give it). A probe, not the method.
 ``shuffle=True`` is its control: each class's true sub-types dealt to that class's images in a random
 order (the same counts per class, no link to the image's body), so a gain that comes from the extra
 C * K-way head and its gradient, not from the sub-types, shows there too.
@@ -26,6 +27,7 @@ import numpy as np
 
 from segexp.data.pseudo_labels import ReaderWrapper
 from segexp.data.synth import body_subtypes
+from segexp.data.testbed import class_body_window
 from segexp.stages.subcategory import subcategory_labels
 from segexp.utils.errors import UserError
 
@@ -43,7 +45,8 @@ class BodySubtypeLabels(ReaderWrapper):
         root: the generated part set's root (``data.prepare.root``).
         split: the COCO split the reader reads (``data.splits.train``).
         bodies: the sub-type names in sub-category order (``data.prepare.testbed.parts.bodies``).
-        num_subcategories: K of the method; at least ``len(bodies)``.
+        num_subcategories: K of the method; at least the bodies one class may have.
+        class_bodies: ``data.prepare.testbed.parts.class_bodies`` (0: every class has every body).
         shuffle: the control (module doc): each class's sub-types permuted over its images.
         seed: of that permutation (the run's seed).
     """
@@ -52,12 +55,13 @@ class BodySubtypeLabels(ReaderWrapper):
 
     def __init__(self, reader: Any, root: str | os.PathLike, split: str, bodies: Sequence[str],
                  num_subcategories: int, key: str = "sub_labels", shuffle: bool = False,
-                 seed: int = 0):  # fmt: skip
+                 seed: int = 0, class_bodies: int = 0):  # fmt: skip
         bodies = list(bodies)
-        if num_subcategories < len(bodies):
+        per_class = len(class_body_window(bodies, class_bodies, 0))
+        if num_subcategories < per_class:
             raise SubtypeLabelsError(
-                f"data.train_wrappers: BodySubtypeLabels has {len(bodies)} body sub-types {bodies} but "
-                f"method.num_subcategories={num_subcategories}; set it to {len(bodies)}"
+                f"data.train_wrappers: BodySubtypeLabels has {per_class} body sub-types per class but "
+                f"method.num_subcategories={num_subcategories}; set it to {per_class}"
             )
         try:
             table = body_subtypes(root, split)
@@ -65,11 +69,14 @@ class BodySubtypeLabels(ReaderWrapper):
             raise SubtypeLabelsError(
                 f"data.train_wrappers: BodySubtypeLabels needs a part set (testbed=parts): {err}"
             ) from err
-        unknown = {b for row in table.values() for b in row if b and b not in bodies}
+        windows = [class_body_window(bodies, class_bodies, c) for c in range(len(next(iter(table.values()))))]
+        unknown = {(c, b) for row in table.values() for c, b in enumerate(row) if b and b not in windows[c]}
         if unknown:
+            c, b = min(unknown)
             raise SubtypeLabelsError(
-                f"{root}: body sub-types {sorted(unknown)} are not in bodies={bodies} "
-                "(data.prepare.testbed.parts.bodies)"
+                f"{root}: class {c + 1} has body '{b}', not one of its sub-types {list(windows[c])} under "
+                f"bodies={bodies}, class_bodies={class_bodies} (data.prepare.testbed.parts); was the set "
+                "generated with other parts settings?"
             )
         missing = [i for i in reader.ids if i not in table]
         if missing:
@@ -80,8 +87,10 @@ class BodySubtypeLabels(ReaderWrapper):
         self.reader = reader
         self.key = key
         self.num_subcategories = int(num_subcategories)
-        index = {b: k for k, b in enumerate(bodies)}
-        self.clusters = {i: np.array([index.get(b, -1) for b in row], np.int64) for i, row in table.items()}
+        self.clusters = {
+            i: np.array([windows[c].index(b) if b else -1 for c, b in enumerate(row)], np.int64)
+            for i, row in table.items()
+        }
         if shuffle:
             self.clusters = shuffled_per_class(self.clusters, seed)
 
