@@ -250,6 +250,11 @@ def test_mixed_reader_concatenates_sources_and_stuff_becomes_entities(tmp_path):
     assert len(np.unique(inst[inst > 0])) == 4
     assert len(np.unique(inst[:6])) == 1 and inst[0, 0] > 0  # sky: one entity
     assert np.array_equal(inst[6:, 8:] > 0, truth["instances"][6:, 8:] > 0)
+    gone = sorted((tmp_path / "coco" / "train2017").glob("*.jpg"))[1]  # a listed image missing: refused
+    gone.unlink()
+    with pytest.raises(DatasetError, match=rf"{gone.name}: not found, nor the files of 0 more of the"):
+        reader_from_config("coco_ade_mix", tmp_path, "train", keys=keys,
+                           overrides={**no_shapes, "reader.sources.ade.expected_sizes": None})  # fmt: skip
     with pytest.raises(KeyError, match="splits has no entry"):
         reader_from_config(
             "coco_ade_mix",

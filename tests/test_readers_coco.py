@@ -128,6 +128,18 @@ def test_panoptic_stuff_as_background(tmp_path):
     np.testing.assert_array_equal(mask, expected)
 
 
+def test_panoptic_missing_file_names_the_image_then_the_png_only_when_a_key_needs_it(tmp_path):
+    root = tmp_path / "coco"
+    write_coco_panoptic(root)
+    reader, images_only = COCOPanoptic(root, "val2017"), COCOPanoptic(root, "val2017", keys=["image"])
+    assert reader.ids == ["3", "11"] and reader.missing_file("3") is None
+    png = root / "annotations" / "panoptic_val2017" / "000000000003.png"
+    png.unlink()
+    assert reader.missing_file("3") == png and images_only.missing_file("3") is None
+    (root / "val2017" / "000000000003.jpg").unlink()
+    assert reader.missing_file("3") == root / "val2017" / "000000000003.jpg"
+
+
 def test_panoptic_errors(tmp_path):
     root = tmp_path / "coco"
     write_coco_panoptic(root)

@@ -8,7 +8,8 @@ DataModule (it still sees one reader partial called with ``split`` and ``keys``)
   split name (train/val/test) to its own split, or to ``null`` to sit that split out. Sample ids
   are prefixed with the source name so dumps of different sources never collide. A source's
   ``expected_sizes`` (its split -> the official count) refuses a partial copy, as
-  ``data.expected_sizes`` does for a single data set.
+  ``data.expected_sizes`` does for a single data set, and a listed image (or annotation) that the disk
+  lacks stops the run when the split opens, as for a single data set.
 * :class:`StuffEntities`: a reader wrapper for datasets whose ``instances`` cover things only
   (ADEChallengeData2016's instance PNGs): every labelled pixel outside an instance becomes part
   of one entity per semantic class ("wall", "sky", ...), as in a panoptic map. It needs the
@@ -23,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from segexp.data.datamodule import check_split_size
+from segexp.data.datamodule import check_listed_images, check_split_size
 from segexp.data.readers.base import Reader
 
 __all__ = ["MixedReader", "StuffEntities"]
@@ -57,6 +58,7 @@ class MixedReader(Reader):
             reader = spec["reader"](split=own, keys=sorted(self.keys))
             expected = (spec.get("expected_sizes") or {}).get(own)
             check_split_size(reader, own, expected, f"data.reader.sources.{source}.expected_sizes")
+            check_listed_images(reader, own)
             for wrap in spec.get("wrappers") or ():
                 reader = wrap(reader)
             self.readers.append((source, reader))

@@ -333,6 +333,22 @@ class COCOPanoptic(Reader):
     def __len__(self) -> int:
         return len(self.entries)
 
+    @property
+    def ids(self) -> list[str]:
+        """The JSON's image ids in reading order (what the listed-files check walks)."""
+        return [str(info["id"]) for info, _ in self.entries]
+
+    def missing_file(self, image_id: str) -> Path | None:
+        """The first file ``load`` reads for ``image_id`` that the disk lacks: the image, then the
+        panoptic PNG when a key other than ``image`` is asked for; None when both are there."""
+        if not hasattr(self, "_entry_of"):
+            self._entry_of = {str(info["id"]): (info, ann) for info, ann in self.entries}
+        info, ann = self._entry_of[image_id]
+        paths = [self.image_dir / str(info["file_name"])]
+        if set(self.keys) - {"image"}:
+            paths.append(self.png_dir / str(ann["file_name"]))
+        return next((path for path in paths if not path.is_file()), None)
+
     def segment_class(self, segment: Mapping[str, Any], png: Path) -> int:
         cid = int(segment["category_id"])
         if cid not in self.category_ids:
