@@ -180,7 +180,7 @@ def _subtype_purity(method, root: _Root, limit: int | None) -> dict[str, float]:
         features.append(method.model.backbone(image_tensor(item["image"]))[-1].mean((2, 3))[0].numpy())
         subtypes.append(bodies[item["id"]])
         labels.append([float(body != "") for body in subtypes[-1]])
-    k = len(root.testbed.parts.bodies)
+    k = len(root.testbed.parts.bodies_of(1))  # the sub-types one class has (all bodies, or its window)
     clusters, _ = cluster_per_class(np.stack(features), np.array(labels), k)
     return {**subtype_purity(clusters, subtypes), "k": k}
 
