@@ -329,6 +329,7 @@ class COCOPanoptic(Reader):
                     f"{ann['image_id']} that is not in 'images'",
                 )
             self.entries.append((info, ann))
+        self._entry_of = {str(info["id"]): (info, ann) for info, ann in self.entries}
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -341,8 +342,6 @@ class COCOPanoptic(Reader):
     def missing_file(self, image_id: str) -> Path | None:
         """The first file ``load`` reads for ``image_id`` that the disk lacks: the image, then the
         panoptic PNG when a key other than ``image`` is asked for; None when both are there."""
-        if not hasattr(self, "_entry_of"):
-            self._entry_of = {str(info["id"]): (info, ann) for info, ann in self.entries}
         info, ann = self._entry_of[image_id]
         paths = [self.image_dir / str(info["file_name"])]
         if set(self.keys) - {"image"}:
