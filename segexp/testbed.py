@@ -7,10 +7,12 @@ diagnostics say whether it did, for any trained image-level run (cam, seam, scca
   both), the classifier's false-positive rate on stuff-only images and its miss rate on class-only
   images (the test split's counterfactuals), next to the rates where the pairing holds;
 * part set: CAM recall on the badge and on the body, and the badge's share of the object's CAM; and
-  SC-CAM's question, whether the body sub-types form clusters: per-class k-means (K = the number of
-  body sub-types, as SC-CAM clusters) of the network's features of the train images (global average
-  of the backbone's last map, SC-CAM's feature), purity against each image's body sub-type, next to
-  the purity of putting every image in one cluster.
+  SC-CAM's question, whether the body sub-types form clusters: per-class k-means (K = the body
+  sub-types one class has, as SC-CAM clusters) of the network's features of the train images (global
+  average of the backbone's last map, SC-CAM's feature), purity against each image's body sub-type, next
+  to the purity of putting every image in one cluster; and, for a run trained on sub-categories
+  (SC-CAM's k-means clusters, the probe's true or shuffled sub-types), the purity of those
+  (``parts/trained_subcategories``).
 
 Everything is read from the generated root's files (VOC JPEG/PNG, COCO panoptic for the stuff kinds,
 COCO instances ``attributes.badge`` for the badges). ``--root`` diagnoses a run on another root, e.g.
@@ -47,7 +49,7 @@ from segexp.data.testbed import Testbed
 from segexp.metrics.testbed import DIAGNOSTICS_FILE, CoocDiagnostics, PartDiagnostics, subtype_purity
 from segexp.utils.atomic import write_json
 
-__all__ = ["diagnose", "main"]
+__all__ = ["DiagnosticsCallback", "diagnose", "diagnose_method", "main", "trained_subcategory_purity"]
 
 
 def _checkpoint(run_dir: Path, which: str) -> Path:
@@ -61,15 +63,20 @@ def _checkpoint(run_dir: Path, which: str) -> Path:
     return best[-1]
 
 
-def _load_run(run_dir: Path, which: str):
-    """The run's method (from its saved config.yaml) with the chosen checkpoint's weights, and its root."""
+def _run_config(run_dir: Path):
     import segexp.resolvers  # noqa: F401 - the config's resolvers
-    from segexp.utils.checkpoints import load_method
 
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found: RUN_DIR must be a segexp.train run directory")
-    cfg = OmegaConf.load(config)
+    return OmegaConf.load(config)
+
+
+def _load_run(run_dir: Path, which: str):
+    """The run's method (from its saved config.yaml) with the chosen checkpoint's weights, and its root."""
+    from segexp.utils.checkpoints import load_method
+
+    cfg = _run_config(run_dir)
     method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
     root = Path(OmegaConf.select(cfg, "data.prepare.root", throw_on_resolution_failure=True))
     if which == "init":
@@ -185,12 +192,44 @@ def _subtype_purity(method, root: _Root, limit: int | None) -> dict[str, float]:
     return {**subtype_purity(clusters, subtypes), "k": k}
 
 
+def trained_subcategory_purity(
+    dataset: Any, root: str | Path, split: str = "train"
+) -> dict[str, float] | None:
+    """Purity of the sub-categories a run trained on (SC-CAM's k-means clusters, or the probe's true or
+    shuffled sub-types) against the part set's body sub-types, beside one cluster per class; None when
+    no train wrapper of ``dataset`` gives sub-categories. ``k``: the most clusters one class has."""
+    reader = dataset
+    while reader is not None and not hasattr(type(reader), "subcategory_clusters"):
+        reader = reader.__dict__.get("reader")  # the wrapped reader, without a wrapper's delegation
+    if reader is None:
+        return None
+    clusters = reader.subcategory_clusters()
+    bodies = body_subtypes(Path(root), split)
+    return {**subtype_purity(clusters, [bodies[i] for i in reader.ids]), "k": int(clusters.max()) + 1}
+
+
 def diagnose(run_dir: str | Path, root: str | Path | None = None, ckpt: str = "last",
              limit: int | None = None) -> dict[str, Any]:  # fmt: skip
     """The mechanism diagnostics of a run (see the module docstring)."""
     run_dir = Path(run_dir)
     method, run_root = _load_run(run_dir, ckpt)
-    return {"run": str(run_dir), "ckpt": ckpt, **diagnose_method(method, root or run_root, limit)}
+    report = {"run": str(run_dir), "ckpt": ckpt, **diagnose_method(method, root or run_root, limit)}
+    if "parts" in report and ckpt != "init":
+        trained = _run_subcategory_purity(_run_config(run_dir))
+        if trained is not None:
+            report["parts"]["trained_subcategories"] = trained
+    return report
+
+
+def _run_subcategory_purity(cfg) -> dict[str, float] | None:
+    """:func:`trained_subcategory_purity` of a run's train split, rebuilt from its saved config (the
+    sub-categories are read from the stage cache, or clustered again as in training)."""
+    from segexp.runner import build_datamodule
+
+    if not cfg.data.get("train_wrappers"):
+        return None
+    dataset = build_datamodule(cfg).build_dataset("train")
+    return trained_subcategory_purity(dataset, cfg.data.prepare.root, cfg.data.splits.train)
 
 
 def diagnose_method(method, root: str | Path, limit: int | None = None) -> dict[str, Any]:
@@ -210,10 +249,14 @@ class DiagnosticsCallback(pl.Callback):
     """Runs the diagnostics on the trained network at the end of ``fit`` and writes them to
     ``<run>/testbed_diagnostics.json``, which ``segexp.report`` reads beside ``metrics.json`` (as
     ``testbed/...``): a study's multirun then tabulates them like any metric
-    (``callbacks.testbed_diagnostics`` in ``conf/experiment/study_fbr.yaml``)."""
+    (``conf/study/testbed_diagnostics.yaml``). On a part set it adds
+    the purity of the sub-categories the run trained on (:func:`trained_subcategory_purity`), which only
+    the training data knows: ``parts/trained_subcategories/...``."""
 
-    def __init__(self, root: str | Path, output_dir: str | Path, limit: int | None = None):
-        self.root, self.output_dir, self.limit = Path(root), Path(output_dir), limit
+    def __init__(
+        self, root: str | Path, output_dir: str | Path, limit: int | None = None, split: str = "train"
+    ):
+        self.root, self.output_dir, self.limit, self.split = Path(root), Path(output_dir), limit, split
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -222,6 +265,11 @@ class DiagnosticsCallback(pl.Callback):
         pl_module.eval()
         report = diagnose_method(pl_module.cpu(), self.root, self.limit)
         pl_module.to(trainer.strategy.root_device).train(was_training)
+        datasets = getattr(trainer.datamodule, "datasets", {})
+        if "parts" in report and "train" in datasets:
+            trained = trained_subcategory_purity(datasets["train"], self.root, self.split)
+            if trained is not None:
+                report["parts"]["trained_subcategories"] = trained
         write_json(self.output_dir / DIAGNOSTICS_FILE, {"ckpt": "end of fit", **report})
 
 

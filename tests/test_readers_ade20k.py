@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from fixtures_formats import reader_from_config, write_ade_challenge, write_ade_full
 
+from segexp.data.datamodule import check_listed_images
 from segexp.data.io import DatasetError, write_gray_png
 from segexp.data.readers.ade20k import ADE20K, ADE20K_CLASSES, ADE20KFull
 
@@ -78,3 +79,28 @@ def test_full_release_seg_png(tmp_path):
     np.testing.assert_array_equal(classes, truth["classes"])
     with pytest.raises(KeyError, match="mask"):
         ADE20KFull(tmp_path / "ADE20K_2021_17_01", "training", keys=["mask"])
+
+
+def test_a_missing_annotation_stops_the_split_when_it_opens(ade, tmp_path):
+    """Images are listed from disk, annotations are not: a missing PNG is named before training starts,
+    and only when ``keys`` read it."""
+    root, truth = ade
+    stem = sorted(truth)[1]
+    (root / "annotations_instance" / "validation" / f"{stem}.png").unlink()
+    check_listed_images(ADE20K(root, "validation", keys=["mask"]), "validation")
+    with pytest.raises(DatasetError, match=f"annotations_instance/validation/{stem}.png: not found, nor the "
+                       "files of 0 more of the 2 images"):  # fmt: skip
+        check_listed_images(ADE20K(root, "validation"), "validation")
+    (root / "annotations" / "validation" / f"{stem}.png").unlink()
+    with pytest.raises(DatasetError, match=f"annotations/validation/{stem}.png"):
+        check_listed_images(ADE20K(root, "validation", keys=["mask"]), "validation")
+
+    full_root = tmp_path / "ADE20K_2021_17_01"
+    image_id = write_ade_full(full_root)["id"]
+    full = ADE20KFull(full_root, "training")
+    assert full.ids == [image_id] and full.missing_file(image_id) is None
+    seg = full_root / "images" / "ADE" / "training" / f"{image_id}_seg.png"
+    seg.unlink()
+    check_listed_images(ADE20KFull(full_root, "training", keys=["image"]), "training")
+    with pytest.raises(DatasetError, match=f"{image_id}_seg.png: not found"):
+        check_listed_images(ADE20KFull(full_root, "training"), "training")

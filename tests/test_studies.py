@@ -83,11 +83,11 @@ STUDIES = {
         {"variant": ["plain", "oracle", "oracle_merged"]},
     ),
     "study_sccam_oracle_px128": (
-        ["val/cam_best_mIoU", "val/cls_F1"],
+        ["val/cam_best_mIoU", "val/cls_F1", "testbed/parts/trained_subcategories/subtype_purity"],
         {"variant": ["plain", "oracle", "shuffled"]},
     ),
     "study_sccam_classbodies": (
-        ["val/cam_best_mIoU", "val/cls_F1"],
+        ["val/cam_best_mIoU", "val/cls_F1", "testbed/parts/trained_subcategories/subtype_purity"],
         {"variant": ["plain", "oracle", "shuffled"]},
     ),
 }

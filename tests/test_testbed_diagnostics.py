@@ -125,3 +125,48 @@ def test_diagnose_a_trained_run(tmp_path, testbed, extra, k):
         assert main(["diagnose", str(run_dir), "--ckpt", "init", "--max-images", "6"]) == 0
         assert json.loads((run_dir / "testbed_diagnostics.json").read_text())["ckpt"] == "init"
     assert main(["diagnose", str(tmp_path / "nowhere")]) == 2
+
+
+@pytest.mark.parametrize(
+    ("variant", "exact"), [("oracle", True), ("shuffled", False)]
+)
+def test_purity_of_the_sub_categories_a_run_trains_on(data_dir, tmp_path, variant, exact):
+    """The probe's true sub-types score purity 1 (the wrapper's clusters line up with the reader's ids);
+    the shuffled control, the same counts dealt at random, scores below 1 and no lower than one cluster."""
+    import hydra
+
+    from segexp.testbed import trained_subcategory_purity
+    from tests.conftest import SMALL_SYNTH, compose
+
+    cfg = compose(["+experiment=study_sccam_oracle", "hydra.mode=RUN", f"variant={variant}", *SMALL_SYNTH,
+                   f"paths.data_dir={data_dir}", "data.num_workers=0"], out_dir=tmp_path)  # fmt: skip
+    dm = hydra.utils.instantiate(cfg.data, train_keys=list(cfg.method.train_keys), eval_keys=["image"])
+    dm.prepare_data()
+    out = trained_subcategory_purity(dm.build_dataset("train"), cfg.data.prepare.root, cfg.data.splits.train)
+    assert out["k"] == 3
+    if exact:
+        assert out["subtype_purity"] == 1.0
+    else:
+        assert out["subtype_purity_one_cluster"] <= out["subtype_purity"] < 1.0
+    plain = compose(["+experiment=cam_shapes", "testbed=parts", *SMALL_SYNTH, f"paths.data_dir={data_dir}"])
+    plain_dm = hydra.utils.instantiate(plain.data, train_keys=["image", "labels"], eval_keys=["image"])
+    plain_dm.prepare_data()
+    assert trained_subcategory_purity(plain_dm.build_dataset("train"), plain.data.prepare.root) is None
+
+
+def test_a_standalone_sccam_run_reports_the_purity_of_its_clusters(tmp_path):
+    """End of fit: testbed_diagnostics.json holds the purity of the k-means sub-categories the run trained
+    on (a report column); `diagnose` rebuilds the same from the run's config and the stage cache."""
+    from segexp.testbed import main
+
+    run_dir = tmp_path / "run"
+    args = ["+experiment=sccam_shapes", f"paths.data_dir={tmp_path}", f"hydra.run.dir={run_dir}",
+            "data.prepare.num_images=20", "trainer.max_steps=2", "trainer.limit_val_batches=1", "test=false",
+            "data.num_workers=0", "method.num_subcategories=2"]  # fmt: skip
+    assert_ok(run_cli("segexp.train", args, cwd=tmp_path))
+    written = json.loads((run_dir / "testbed_diagnostics.json").read_text())["parts"]["trained_subcategories"]
+    assert written["k"] == 2
+    assert written["subtype_purity_one_cluster"] <= written["subtype_purity"] <= 1.0
+    assert main(["diagnose", str(run_dir), "--max-images", "4"]) == 0
+    again = json.loads((run_dir / "testbed_diagnostics.json").read_text())["parts"]["trained_subcategories"]
+    assert again == written

@@ -442,6 +442,11 @@ class SubCategoryLabels(PseudoLabels):
         )
         self.table = stage.label_table(reader)
 
+    def subcategory_clusters(self) -> np.ndarray:
+        """The sub-category (N, C; -1 where absent) each image trained on, in the reader's order (for
+        the testbed's cluster purity: :func:`segexp.testbed.trained_subcategory_purity`)."""
+        return self.stage.clusters(self.reader)[0]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.reader[index]
         vector = self.table[index]

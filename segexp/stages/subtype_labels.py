@@ -94,6 +94,10 @@ class BodySubtypeLabels(ReaderWrapper):
         if shuffle:
             self.clusters = shuffled_per_class(self.clusters, seed)
 
+    def subcategory_clusters(self) -> np.ndarray:
+        """The sub-category (N, C; -1 where absent) each image trains on, in the reader's order."""
+        return np.stack([self.clusters[i] for i in self.reader.ids])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.reader[index]
         image_id = self.reader.ids[index]

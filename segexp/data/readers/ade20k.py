@@ -110,6 +110,17 @@ class ADE20K(Reader):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def missing_file(self, image_id: str) -> Path | None:
+        """The annotation ``load`` would read for ``image_id`` that the disk lacks (the class PNG, then the
+        instance PNG, as ``keys`` need them), else None; the images are listed from disk, so they exist.
+        An incomplete copy then stops when the split opens, not at the first epoch that reaches it."""
+        wanted = [(self.mask_dir, "mask"), (self.instance_dir, "instances")]
+        for folder, key in wanted:
+            path = folder / f"{image_id}.png"
+            if key in self.keys and not path.is_file():
+                return path
+        return None
+
     def read_mask(self, image_id: str, image: np.ndarray) -> np.ndarray:
         path = self.mask_dir / f"{image_id}.png"
         raw = read_label_png(path)
@@ -174,9 +185,16 @@ class ADE20KFull(Reader):
         self.images = sorted(p for p in self.image_dir.rglob("*.jpg") if not p.name.startswith("."))
         if not self.images:
             raise DatasetError(self.image_dir, "no .jpg images found (searched recursively)")
+        self.ids = [str(p.relative_to(self.image_dir).with_suffix("")) for p in self.images]
+        self._paths = dict(zip(self.ids, self.images))
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def missing_file(self, image_id: str) -> Path | None:
+        """The ``_seg.png`` beside the image when ``instances`` are read and the disk lacks it, else None."""
+        seg = self.seg_path(self._paths[image_id])
+        return seg if "instances" in self.keys and not seg.is_file() else None
 
     @staticmethod
     def seg_path(image_path: Path) -> Path:
@@ -197,6 +215,5 @@ class ADE20KFull(Reader):
             rgb = read_rgb_label(seg)
             check_same_size(image, rgb, path, seg)
             sample["instances"] = self.decode_seg(rgb)[1]
-        image_id = str(path.relative_to(self.image_dir).with_suffix(""))
-        sample["meta"] = {"id": image_id, "path": str(path), "orig_size": tuple(image.shape[:2])}
+        sample["meta"] = {"id": self.ids[index], "path": str(path), "orig_size": tuple(image.shape[:2])}
         return sample
