@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from fixtures_formats import reader_from_config, write_sod_set
 
+from segexp.data.datamodule import check_listed_images
 from segexp.data.io import DatasetError
 from segexp.data.readers.sod import SalientObjects, saliency_from_values
 from segexp.utils.atomic import write_text
@@ -45,6 +46,13 @@ def test_image_without_mask_is_named(ecssd):
     with pytest.raises(DatasetError, match=r"images/c\.jpg: no mask named c\.\*") as err:
         reader[2]
     assert err.value.path.endswith("c.jpg")
+    # found when the split opens, with the count of the others
+    next((root / "ground_truth_mask").glob("a.*")).unlink()
+    reader = SalientObjects(root, image_dir="images", mask_dir="ground_truth_mask")
+    missing = r"ground_truth_mask/a\.\*: not found, nor the files of 1 more of the 4"
+    with pytest.raises(DatasetError, match=missing):
+        check_listed_images(reader, "test")
+    check_listed_images(SalientObjects(root, image_dir="images", mask_dir="missing", keys=["image"]), "test")
     # an image-only run does not need masks at all
     assert set(SalientObjects(root, image_dir="images", mask_dir="missing", keys=["image"])[2]) == {
         "image",
@@ -59,6 +67,12 @@ def test_list_file_and_missing_listed_image(ecssd):
         root, "test", image_dir="images", mask_dir="ground_truth_mask", list_file="{split}.txt"
     )
     assert reader.stems == ["d", "b"] and len(reader) == 2
+    write_text(root / "test.txt", "d\nzz\n")
+    listed = SalientObjects(
+        root, "test", image_dir="images", mask_dir="ground_truth_mask", list_file="{split}.txt"
+    )
+    with pytest.raises(DatasetError, match=r"images/zz\.\*: not found, nor the files of 0 more of the 2"):
+        check_listed_images(listed, "test")
     write_text(root / "test.txt", "zz\n")
     with pytest.raises(DatasetError, match="image listed in .*test.txt not found"):
         SalientObjects(root, "test", image_dir="images", mask_dir="ground_truth_mask", list_file="test.txt")[

@@ -105,6 +105,16 @@ class SalientObjects(Reader):
         """Sample ids as the other readers name them (stages and caches key images by ``ids``)."""
         return self.stems
 
+    def missing_file(self, stem: str) -> Path | None:
+        """The image, then (when ``saliency`` is read) the mask, that ``load`` would read for ``stem`` and
+        the disk lacks (``<stem>.*``: any accepted extension), else None: an incomplete copy then stops when
+        the split opens, not at the first epoch that reaches the image."""
+        if stem not in self.images:
+            return self.image_dir / f"{stem}.*"
+        if "saliency" in self.keys and stem not in self.masks:
+            return self.mask_dir / f"{stem}.*"
+        return None
+
     def image_path(self, stem: str) -> Path:
         if stem not in self.images:
             source = self.list_file if self.list_file is not None else self.image_dir
