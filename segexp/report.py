@@ -13,7 +13,10 @@ Jobs are grouped by the overrides that differ between them, except ``seed`` (``-
 instead); where none differ (a one-row study), by the keys its ``multirun.yaml`` declares swept, so the
 row still says what it is. ``--compare KEY[=BASELINE]`` adds, within each group of the other keys, the
 difference of every value of KEY to the baseline value and whether it is *beyond 2 std* (|Δ| > 2 × the
-larger of the two groups' std): the test each study's ``results.md`` applies.
+larger of the two groups' std): the test each study's ``results.md`` applies. Where both rows ran the same
+seeds, it adds the *paired* view too - the per-seed differences' mean ± std, how many seeds move the same
+way, and the two-sided p of a paired t-test - since runs of one seed share data order and initialisation,
+and a seed-to-seed spread larger than the effect can hide a difference every seed shows.
 
 Writes ``report.md``, ``report.csv`` and ``report.png`` (bars with std error bars) into ``--out``
 (default: the first DIR) and prints the Markdown, and ``jobs.csv``: every job's overrides, wall time
@@ -278,6 +281,46 @@ class Comparison:
     metric: str
     delta: float
     beyond_2std: bool | None  # None: a side has fewer than 2 values, no std to judge by
+    paired: list[float] = field(default_factory=list)  # per-seed differences, in seed order
+
+    def paired_text(self, digits: int) -> tuple[str, str, str]:
+        """(paired Δ mean ± std, how many seeds move which way, p of the paired t-test); '-' when unpaired."""
+        n = len(self.paired)
+        if n < 2:
+            return "-", "-", "-"
+        mean, std = mean_std(self.paired)
+        higher = sum(d > 0 for d in self.paired)
+        lower = sum(d < 0 for d in self.paired)
+        seeds = f"{higher}/{n} higher" if higher >= lower else f"{lower}/{n} lower"
+        return f"{mean:+.{digits}f} ± {std:.{digits}f}", seeds, f"{paired_t_p(self.paired):.3g}"
+
+
+def paired_t_p(differences: Sequence[float]) -> float:
+    """Two-sided p of the one-sample t-test of the per-seed differences against 0 (n - 1 dof)."""
+    from scipy import stats
+
+    mean, std = mean_std(differences)
+    if std == 0:
+        return 1.0 if mean == 0 else 0.0
+    t = abs(mean) / (std / math.sqrt(len(differences)))
+    return float(2 * stats.t.sf(t, len(differences) - 1))
+
+
+def paired_differences(group: Group, baseline: Group, metric: str) -> list[float]:
+    """``group - baseline`` of each seed both ran once (none if a seed ran twice in a row: ambiguous)."""
+
+    def by_seed(g: Group) -> dict[str, float] | None:
+        seeds = [j.overrides.get("seed") for j in g.done]
+        if None in seeds or len(set(seeds)) < len(seeds):
+            return None
+        values = {s: j.metrics.get(metric) for s, j in zip(seeds, g.done)}
+        return {s: float(v) for s, v in values.items() if v is not None and math.isfinite(v)}
+
+    a, b = by_seed(group), by_seed(baseline)
+    if a is None or b is None:
+        return []
+    common = sorted(a.keys() & b.keys(), key=lambda s: (len(s), s))
+    return [a[s] - b[s] for s in common]
 
 
 def compare(
@@ -307,7 +350,8 @@ def compare(
                 continue
             (gm, gs), (bm, bs) = mean_std(gv), mean_std(bv)
             judged = len(gv) > 1 and len(bv) > 1
-            out.append(Comparison(g, b, m, gm - bm, abs(gm - bm) > 2 * max(gs, bs) if judged else None))
+            beyond = abs(gm - bm) > 2 * max(gs, bs) if judged else None
+            out.append(Comparison(g, b, m, gm - bm, beyond, paired_differences(g, b, m)))
     return out
 
 
@@ -323,13 +367,16 @@ def markdown(keys, groups, metrics, comparisons, digits: int = 3) -> str:
         row = [shown(v) for _, v in g.key] + [n] + cells + [wall]
         lines.append("| " + " | ".join(row) + " |")
     if comparisons:
-        lines += ["", "| group | vs | metric | Δ mean | beyond 2 std |", "|---|---|---|---:|---|"]
+        lines += [
+            "",
+            "| group | vs | metric | Δ mean | beyond 2 std | paired Δ (per seed) | seeds | p (paired t) |",
+            "|---|---|---|---:|---|---:|---|---:|",
+        ]
         verdict = {True: "yes", False: "no", None: "n < 2"}
         for c in comparisons:
-            lines.append(
-                f"| {c.group.label(short)} | {c.baseline.label(short)} | {c.metric} | "
-                f"{c.delta:+.{digits}f} | {verdict[c.beyond_2std]} |"
-            )
+            cells = [c.group.label(short), c.baseline.label(short), c.metric, f"{c.delta:+.{digits}f}"]
+            cells += [verdict[c.beyond_2std], *c.paired_text(digits)]
+            lines.append("| " + " | ".join(cells) + " |")
     failed = [j for g in groups for j in g.failed]
     if failed:
         lines += ["", "Failed or unfinished jobs (no metrics): " + ", ".join(str(j.path) for j in failed)]

@@ -259,3 +259,42 @@ def test_chart_of_long_swept_values_lays_out_without_warnings(tmp_path):
     short = rp.tick_label(values[1])
     assert len(short) == 40 and short.startswith("[{_target_") and short.endswith("interpolation:0}]")
     assert rp.tick_label("cam") == "cam"
+
+
+def test_paired_view_shows_a_difference_every_seed_has_under_a_larger_seed_spread(tmp_path):
+    """Seeds spread 0.1-0.9 and the variant adds 0.04-0.06 to each: the 2-std test cannot see it, the
+    per-seed differences can (mean 0.05, std 0.01, 3 of 3 higher; t = 0.05 / (0.01 / sqrt 3) = 8.66 on
+    2 dof: p = 0.0131)."""
+    sweep = tmp_path / "m"
+    base, gain = {0: 0.1, 1: 0.5, 2: 0.9}, {0: 0.04, 1: 0.05, 2: 0.06}
+    num = 0
+    for variant in ("base", "new"):
+        for seed, value in base.items():
+            value += gain[seed] if variant == "new" else 0.0
+            make_job(sweep, num, [f"variant={variant}", f"seed={seed}"], {"m": value})
+            num += 1
+    keys, groups = rp.group_jobs(rp.find_jobs([sweep]))
+    (c,) = rp.compare(groups, keys, "variant=base", ["m"])
+    assert c.beyond_2std is False and c.paired == pytest.approx([0.04, 0.05, 0.06])
+    mean_std, seeds, p = c.paired_text(3)
+    assert (mean_std, seeds) == ("+0.050 ± 0.010", "3/3 higher")
+    assert float(p) == pytest.approx(0.0131, abs=5e-4)
+    text = rp.report([sweep], out=tmp_path / "out", compare_spec="variant=base", plot=False)
+    assert "| variant=new | variant=base | m | +0.050 | no | +0.050 ± 0.010 | 3/3 higher | 0.0131 |" in text
+
+
+def test_paired_view_needs_the_same_seeds_once_per_row(tmp_path):
+    """Only seeds both rows ran count; a seed that ran twice in a row makes the pairing ambiguous."""
+    sweep = tmp_path / "m"
+    rows = [("base", 0, 0.5), ("base", 1, 0.6), ("base", 2, 0.7)]
+    rows += [("new", 1, 0.4), ("new", 2, 0.6), ("new", 3, 0.9)]
+    for num, (variant, seed, value) in enumerate(rows):
+        make_job(sweep, num, [f"variant={variant}", f"seed={seed}"], {"m": value})
+    keys, groups = rp.group_jobs(rp.find_jobs([sweep]))
+    (c,) = rp.compare(groups, keys, "variant=base", ["m"])
+    assert c.paired == pytest.approx([-0.2, -0.1])  # seeds 1 and 2
+    assert c.paired_text(2)[1] == "2/2 lower"
+    make_job(sweep, 6, ["variant=new", "seed=1"], {"m": 0.45})
+    keys, groups = rp.group_jobs(rp.find_jobs([sweep]))
+    (c,) = rp.compare(groups, keys, "variant=base", ["m"])
+    assert c.paired == [] and c.paired_text(2) == ("-", "-", "-")
