@@ -123,3 +123,45 @@ def test_voc_crop_pads_with_the_mean_colour_at_a_random_offset_as_psa_and_seam_d
         ys, xs = torch.nonzero(valid, as_tuple=True)
         offsets.add((ys.min().item(), xs.min().item()))
     assert len(offsets) > 1
+
+
+class _Images(torch.utils.data.Dataset):
+    """Eight copies of one image with a distinct id each: what differs between outputs is the augmentation."""
+
+    def __init__(self, transform):
+        self.transform = transform
+        self.image = np.arange(12 * 12 * 3, dtype=np.uint8).reshape(12, 12, 3)
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        out = self.transform({"image": self.image})
+        info = torch.utils.data.get_worker_info()
+        return out["image"], -1 if info is None else info.id
+
+
+def _augmented(seed: int, workers: int) -> list[tuple[int, bytes]]:
+    """(worker, image bytes) of every sample of an epoch, loaders seeded as Lightning seeds them."""
+    import pytorch_lightning as pl
+    from lightning_fabric.utilities.seed import pl_worker_init_function
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+    transform = SampleTransform([A.HorizontalFlip(p=0.5), A.RandomCrop(6, 6), A.VerticalFlip(p=0.5)])
+    loader = torch.utils.data.DataLoader(
+        _Images(transform), batch_size=1, num_workers=workers, worker_init_fn=pl_worker_init_function
+    )
+    return [(int(w), img.numpy().tobytes()) for img, w in loader]
+
+
+def test_augmentation_is_reproducible_from_the_seed_and_workers_draw_apart():
+    """albumentations 2 ignores global seeds: without the reseed a run of one seed is not repeatable, and
+    forked workers repeat one another's crops and flips."""
+    for workers in (0, 2):
+        first = _augmented(0, workers)
+        assert first == _augmented(0, workers)
+        assert first != _augmented(1, workers)
+    by_worker = {}
+    for w, img in _augmented(0, 2):
+        by_worker.setdefault(w, []).append(img)
+    assert sorted(by_worker) == [0, 1] and by_worker[0] != by_worker[1]

@@ -6,6 +6,12 @@ fill every map with 0 and a ``valid`` map marks the pixels that came from the im
 afterwards the semantic maps get ``ignore_index`` there and entity maps get 0 (unlabeled) —
 one fill value per target, which albumentations alone cannot express.
 
+Randomness: albumentations 2 draws from a generator of its own, seeded from OS entropy unless given a
+seed, so ``seed_everything`` does not reach it and forked DataLoader workers inherit one state and repeat
+each other's draws. :class:`SampleTransform` reseeds it once per process from numpy's global generator,
+which ``seed_everything`` seeds in the main process and Lightning's worker init in each worker: a run is
+reproducible from its ``seed`` and workers draw apart.
+
 A method's own per-pixel maps (LDF's body/detail, ...) join with ``extra_maps``: ``{key: kind}``
 where kind says what fills pixels outside the image — ``ignore`` (an integer label map, filled with
 ``ignore_index``), ``zero`` (an integer map filled with 0) or ``float`` (a float map filled with 0).
@@ -13,6 +19,7 @@ where kind says what fills pixels outside the image — ``ignore`` (an integer l
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -74,8 +81,16 @@ class SampleTransform:
                 strict=False,
             )
         )
+        self._seeded_in: int | None = None  # the process whose numpy generator seeded ``compose``
+
+    def _seed_for_this_process(self) -> None:
+        """Seed the pipeline's own generator from numpy's global one, once per process (module doc)."""
+        if self.compose is not None and self._seeded_in != os.getpid():
+            self.compose.set_random_seed(int(np.random.randint(2**31 - 1)))
+            self._seeded_in = os.getpid()
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        self._seed_for_this_process()
         image = sample["image"]
         h, w = image.shape[:2]
         inputs: dict[str, Any] = {"image": image, "valid": np.ones((h, w), dtype=np.uint8)}
