@@ -300,10 +300,9 @@ def paired_t_p(differences: Sequence[float]) -> float:
     from scipy import stats
 
     mean, std = mean_std(differences)
-    if std == 0:
+    if std == 0:  # every seed moved by the same amount: scipy's t is undefined (0 / 0) or infinite
         return 1.0 if mean == 0 else 0.0
-    t = abs(mean) / (std / math.sqrt(len(differences)))
-    return float(2 * stats.t.sf(t, len(differences) - 1))
+    return float(stats.ttest_1samp(differences, 0.0).pvalue)
 
 
 def paired_differences(group: Group, baseline: Group, metric: str) -> list[float]:
